@@ -1,0 +1,147 @@
+"""User configuration (`Config`) and the normalized model description (`ModelConfig`)."""
+import json
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Engine settings; `LLM(model, **kwargs)` takes these fields as keyword arguments.
+
+    Values the engine derives (KV cache size, EOS ids, graph sizes) are never written
+    back here."""
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1          # -1: size the cache from memory
+    cpu_kvcache_bytes: int = 1 << 30      # the KV budget on CPU, where no memory probe exists
+    enable_prefix_caching: bool = True
+    device: str | None = None             # None: cuda when available, else cpu
+    dtype: str = "auto"                   # auto: the checkpoint's (float32 on CPU when it is half)
+    attention_backend: str = "auto"       # auto: flash if importable on CUDA, else triton; torch on CPU
+    seed: int = 0                         # seeds the shared sampling generator
+
+    def __post_init__(self):
+        _check(isinstance(self.model, str) and len(self.model) > 0, "model", self.model, "a non-empty path")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
+            value = getattr(self, name)
+            _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        _check(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
+               "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
+        bs = self.kvcache_block_size
+        _check(_is_int(bs) and bs >= 16 and bs & (bs - 1) == 0, "kvcache_block_size", bs, "a power of two >= 16")
+        _check(_is_int(self.num_kvcache_blocks) and (self.num_kvcache_blocks == -1 or self.num_kvcache_blocks >= 1),
+               "num_kvcache_blocks", self.num_kvcache_blocks, "-1 (auto) or an integer >= 1")
+        _check(_is_int(self.cpu_kvcache_bytes) and self.cpu_kvcache_bytes >= 1,
+               "cpu_kvcache_bytes", self.cpu_kvcache_bytes, "an integer >= 1")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        _check(self.device is None or self.device in ("cpu", "cuda") or str(self.device).startswith("cuda:"),
+               "device", self.device, "None, 'cpu', 'cuda' or 'cuda:N'")
+        _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {list(DTYPES)}")
+        _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
+               f"one of {list(ATTENTION_BACKENDS)}")
+        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device is {self.device!r} but CUDA is not available; use device='cpu'")
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model directory not found: {self.model!r}")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> "Config":
+        """Like `Config(model, **kwargs)`, but an unknown keyword is a TypeError listing the valid ones."""
+        valid = [f.name for f in fields(cls) if f.name != "model"]
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown config keyword(s) {unknown}; valid ones are {valid}")
+        return cls(model=model, **kwargs)
+
+    @property
+    def resolved_device(self) -> torch.device:
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The HF config.json, normalized once so model code reads plain fields."""
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool      # biased q/k/v projections (Qwen2)
+    qk_norm: bool             # per-head RMSNorm on q and k (Qwen3)
+    torch_dtype: str
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        arch = (hf.get("architectures") or ["?"])[0]
+        heads = hf["num_attention_heads"]
+        # transformers v5 moved rope_theta (and scaling) into rope_parameters
+        rope_params = hf.get("rope_parameters") or {}
+        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
+            rope_scaling = rope_params
+        return cls(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            qk_norm=hf.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM",
+            torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", ""),
+        )
+
+    @classmethod
+    def from_dir(cls, path: str) -> "ModelConfig":
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no config.json in model directory {path!r}")
+        with open(config_path) as f:
+            return cls.from_hf(json.load(f))
+
+    def resolve_dtype(self, requested: str, device: torch.device) -> torch.dtype:
+        if requested != "auto":
+            return DTYPES[requested]
+        dtype = DTYPES.get(self.torch_dtype, torch.float32)
+        # half precision on CPU is slow and inexact; the CPU path is the exact reference
+        return torch.float32 if device.type == "cpu" else dtype

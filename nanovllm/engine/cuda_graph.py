@@ -1,0 +1,85 @@
+"""CUDA graphs for decode steps: one graph per batch size, sharing one memory pool.
+
+A graph replays fixed kernels on fixed addresses, so each step copies its inputs into
+static buffers and replays the smallest captured batch size >= its batch. Python values
+(batch size, max lengths) are baked in at capture; only tensor contents change.
+NOTE: padding rows have slot -1 (nothing stored) and context length 0 (nothing read).
+"""
+import torch
+from torch import nn
+
+from nanovllm.engine.input_batch import StepInputs
+from nanovllm.utils.context import AttentionMetadata
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to min(max_num_seqs, 512)."""
+    limit = min(max_num_seqs, 512)
+    sizes = [s for s in (1, 2, 4, 8) if s <= limit] + list(range(16, limit + 1, 16))
+    return sizes if sizes[-1] == limit else sizes + [limit]
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_bs = self.sizes[-1]
+        self.max_model_len = max_model_len
+        # wide enough for max_model_len, plus one spare column
+        self.max_blocks = (max_model_len + block_size - 1) // block_size + 1
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
+            cu_seqlens_k=self.cu_seqlens[:bs + 1], max_seqlen_q=1, max_seqlen_k=self.max_model_len,
+            context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
+            logits_indices=self.cu_seqlens[:bs].long(), is_decode=True, has_cached_kv=True)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
+            graph = torch.cuda.CUDAGraph()
+            meta = self._meta(bs)
+            self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warmup
+            with torch.cuda.graph(graph, self.pool):
+                self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+
+    def can_run(self, inputs: StepInputs) -> bool:
+        meta = inputs.meta
+        return meta.is_decode and meta.num_seqs <= self.max_bs and meta.block_tables.shape[1] <= self.max_blocks
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Replay the decode step for `inputs`; returns hidden states [num_seqs, hidden]."""
+        bs = inputs.meta.num_seqs
+        graph_bs = next(s for s in self.sizes if s >= bs)
+        meta = inputs.meta
+        self.input_ids[:bs] = inputs.input_ids
+        self.positions[:bs] = inputs.positions
+        self.slot_mapping.fill_(-1)
+        self.slot_mapping[:bs] = meta.slot_mapping
+        self.context_lens.zero_()
+        self.context_lens[:bs] = meta.context_lens
+        # padding and unused columns point at block 0: never read (context length bounds reads)
+        self.block_tables.zero_()
+        self.block_tables[:bs, :meta.block_tables.shape[1]] = meta.block_tables.clamp_min(0)
+        self.graphs[graph_bs].replay()
+        return self.hidden[:bs]
+
+    def release(self) -> None:
+        self.graphs.clear()
+        self.pool = None

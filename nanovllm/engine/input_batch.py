@@ -1,0 +1,69 @@
+"""Turn a scheduled batch into the flat tensors one forward pass takes."""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.utils.context import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor        # [num_tokens] int64
+    positions: torch.Tensor        # [num_tokens] int64
+    meta: AttentionMetadata
+    sampling_seq_ids: list[int]    # the sequences that sample this step, in logits order
+    temperatures: torch.Tensor     # [num_sampled] float32
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def build_step_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
+    """Sequence i contributes its tokens [num_computed, num_computed + n_i): queries at
+    those positions, keys 0 .. num_computed + n_i - 1 (the new ones stored first)."""
+    counts = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
+    starts = np.asarray([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
+    num_seqs, num_tokens = len(batch.seqs), int(counts.sum())
+    cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(counts, out=cu_q[1:])
+    context_lens = (starts + counts).astype(np.int32)
+    cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(context_lens, out=cu_k[1:])
+
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    max_blocks = max(len(seq.block_table) for seq in batch.seqs)
+    block_tables = np.full((num_seqs, max_blocks), -1, dtype=np.int32)
+    for i, seq in enumerate(batch.seqs):
+        start = int(starts[i])
+        input_ids[cu_q[i]:cu_q[i + 1]] = seq.token_ids[start:start + counts[i]]
+        block_tables[i, :len(seq.block_table)] = seq.block_table
+
+    seq_index = np.repeat(np.arange(num_seqs), counts)              # [num_tokens]
+    positions = np.arange(num_tokens) - cu_q[seq_index] + starts[seq_index]
+    slot_mapping = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size \
+        + positions % block_size
+
+    samples = [i for i, seq in enumerate(batch.seqs) if context_lens[i] == len(seq)]
+    logits_indices = cu_q[1:][samples].astype(np.int64) - 1
+    temperatures = np.asarray([batch.seqs[i].sampling_params.temperature for i in samples], dtype=np.float32)
+
+    meta = AttentionMetadata(
+        slot_mapping=_to(slot_mapping, device),
+        cu_seqlens_q=_to(cu_q, device),
+        cu_seqlens_k=_to(cu_k, device),
+        max_seqlen_q=int(counts.max()),
+        max_seqlen_k=int(context_lens.max()),
+        context_lens=_to(context_lens, device),
+        block_tables=_to(block_tables, device),
+        logits_indices=_to(logits_indices, device),
+        is_decode=bool((counts == 1).all()),
+        has_cached_kv=bool((starts > 0).any()),
+    )
+    return StepInputs(_to(input_ids, device), _to(positions, device), meta,
+                      [batch.seqs[i].seq_id for i in samples], _to(temperatures, device))

@@ -1,0 +1,149 @@
+"""The engine: request intake and validation, the step loop, detokenization, progress."""
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence as SequenceABC
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nanovllm.config import Config, ModelConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("nanovllm")
+
+Prompt = str | list[int]
+
+
+def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
+    """Every EOS id: the tokenizer's, config.json's and generation_config.json's."""
+    ids = set()
+    sources = [tokenizer.eos_token_id, hf_config.get("eos_token_id")]
+    gen_path = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen_path):
+        with open(gen_path) as f:
+            sources.append(json.load(f).get("eos_token_id"))
+    for src in sources:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(i for i in src if isinstance(i, int))
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, model: str, **kwargs):
+        self.config = Config.from_kwargs(model, **kwargs)
+        path = self.config.model
+        self.model_config = ModelConfig.from_dir(path)
+        with open(os.path.join(path, "config.json")) as f:
+            hf_config = json.load(f)
+        # derived, never written back into the user's config
+        self.max_model_len = min(self.config.max_model_len, self.model_config.max_position_embeddings)
+        self.device = self.config.resolved_device
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.eos_token_ids = _eos_ids(path, self.tokenizer, hf_config)
+        self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, self.device)
+        self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size,
+                                          self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                                   self.max_model_len, self.eos_token_ids)
+
+    def engine_info(self) -> dict:
+        blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
+        return {"num_kvcache_blocks": blocks, "kvcache_block_size": bs, "kv_cache_tokens": blocks * bs,
+                "attention_backend": self.model_runner.backend_name, "device": str(self.device),
+                "dtype": str(self.model_runner.dtype).replace("torch.", ""), "max_model_len": self.max_model_len}
+
+    # ---- intake ------------------------------------------------------------------------
+    def _token_ids(self, i: int, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, SequenceABC) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+        else:
+            raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError(f"prompts[{i}] is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompts[{i}] has token id {bad[0]} outside [0, {vocab})")
+        return token_ids
+
+    def _check_fits(self, i: int, num_prompt_tokens: int, params: SamplingParams) -> None:
+        total = num_prompt_tokens + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompts[{i}]: prompt length {num_prompt_tokens} + max_tokens {params.max_tokens} = "
+                             f"{total} exceeds max_model_len {self.max_model_len}")
+        blocks = self.block_manager.blocks_needed(total)
+        if blocks > self.block_manager.num_blocks:
+            raise ValueError(f"prompts[{i}]: {total} tokens need {blocks} KV blocks but the whole cache has "
+                             f"{self.block_manager.num_blocks}")
+
+    def make_requests(self, prompts, sampling_params) -> list[Sequence]:
+        """Validate every request before any is queued: a bad one raises and none runs."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        sampling_params = list(sampling_params)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        seqs = []
+        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+            if not isinstance(params, SamplingParams):
+                raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
+            token_ids = self._token_ids(i, prompt)
+            self._check_fits(i, len(token_ids), params)
+            seqs.append(Sequence(token_ids, params))
+        return seqs
+
+    # ---- the loop ----------------------------------------------------------------------
+    def step(self) -> tuple[list[Sequence], int, int]:
+        """One scheduler step; returns (finished sequences, prefill tokens, decode tokens)."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
+        sampled = self.model_runner.run(batch)
+        finished = self.scheduler.postprocess(batch, sampled)
+        return finished, batch.num_tokens - batch.num_decodes, batch.num_decodes
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Generate completions for `prompts` (strings or token-id lists); returns one dict
+        per prompt, in order: text, token_ids (generated), prompt_token_ids, finish_reason."""
+        seqs = self.make_requests(prompts, sampling_params or SamplingParams())
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            self._run_until_done(len(seqs), use_tqdm)
+        except BaseException:
+            self.scheduler.abort_all()  # leave the engine usable: every block freed
+            raise
+        return [self._output(seq) for seq in seqs]
+
+    def _run_until_done(self, num_requests: int, use_tqdm: bool) -> None:
+        bar = tqdm(total=num_requests, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        with bar:
+            while not self.scheduler.is_finished():
+                start = time.perf_counter()
+                finished, num_prefill, num_decode = self.step()
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                rate = "prefill" if num_prefill else "decode"
+                bar.set_postfix({rate: f"{(num_prefill or num_decode) / elapsed:.0f}tok/s"})
+                bar.update(len(finished))
+
+    def _output(self, seq: Sequence) -> dict:
+        token_ids = seq.completion_token_ids
+        return {"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
+                "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason}
+
+    def exit(self) -> None:
+        self.model_runner.exit()

@@ -1,0 +1,134 @@
+"""One tensor-parallel rank's model: weights, KV cache, CUDA graphs and the forward step."""
+import logging
+
+import torch
+
+from nanovllm.config import Config, ModelConfig
+from nanovllm.engine.cuda_graph import DecodeGraphs
+from nanovllm.engine.input_batch import StepInputs, build_step_inputs
+from nanovllm.engine.kv_cache import KVCachePool, block_bytes
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.backends import make_backend, resolve_backend
+from nanovllm.layers.sampler import Sampler
+from nanovllm.models import build_model
+from nanovllm.utils.context import AttentionMetadata
+from nanovllm.utils.loader import load_model
+from nanovllm.utils.parallel import tp_size
+
+logger = logging.getLogger("nanovllm")
+
+
+class ModelRunner:
+    def __init__(self, config: Config, model_config: ModelConfig, max_model_len: int, device: torch.device,
+                 rank: int = 0):
+        self.config, self.model_config = config, model_config
+        self.max_model_len, self.device, self.rank = max_model_len, device, rank
+        self.block_size = config.kvcache_block_size
+        self.dtype = model_config.resolve_dtype(config.dtype, device)
+        self.backend_name = resolve_backend(config.attention_backend, device, self.block_size)
+        self.model = self._load_model()
+        self.backend = make_backend(self.backend_name, self.block_size, max_model_len)
+        for layer in self.model.attention_layers():  # warmup runs before the cache exists
+            layer.backend = self.backend
+        peak = self._warmup()
+        self.num_kvcache_blocks = self._num_kvcache_blocks(peak)
+        self._allocate_kv_cache()
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.graphs = self._capture_graphs()
+
+    # ---- construction ----------------------------------------------------------------
+    def _load_model(self) -> torch.nn.Module:
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # build straight in the target dtype, on the device
+        try:
+            with torch.device(self.device):
+                model = build_model(self.model_config, self.max_model_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(model, self.config.model)
+        return model.eval()
+
+    @torch.inference_mode()
+    def _warmup(self) -> int:
+        """A forward pass at the largest prefill the budget allows; returns its peak
+        activation bytes (CUDA only; the KV cache must leave room for it)."""
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
+        lengths = [min(self.max_model_len, num_tokens - i) for i in range(0, num_tokens, self.max_model_len)]
+        cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths),
+            context_lens=cu.diff(), block_tables=torch.zeros(len(lengths), 1, dtype=torch.int32, device=self.device),
+            logits_indices=(cu[1:] - 1).long(), is_decode=False, has_cached_kv=False)
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, positions, meta)
+        self.model.compute_logits(hidden, meta.logits_indices)
+        torch.cuda.synchronize()
+        peak = torch.cuda.memory_stats(self.device)["allocated_bytes.all.peak"]
+        current = torch.cuda.memory_stats(self.device)["allocated_bytes.all.current"]
+        torch.cuda.empty_cache()
+        return peak - current
+
+    def _num_kvcache_blocks(self, activation_peak: int) -> int:
+        cfg, m = self.config, self.model_config
+        num_kv_heads = max(1, m.num_key_value_heads // tp_size())
+        per_block = block_bytes(m.num_hidden_layers, self.block_size, num_kv_heads, m.head_dim, self.dtype)
+        if cfg.num_kvcache_blocks != -1:
+            return cfg.num_kvcache_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = int(total * cfg.gpu_memory_utilization) - (total - free) - activation_peak
+        else:
+            budget = cfg.cpu_kvcache_bytes
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (one block needs {per_block} bytes, "
+                               f"{max(budget, 0)} available): raise gpu_memory_utilization or cpu_kvcache_bytes, "
+                               f"or lower max_num_batched_tokens")
+        return num_blocks
+
+    def _allocate_kv_cache(self) -> None:
+        m = self.model_config
+        num_kv_heads = self.model.attention_layers()[0].num_kv_heads
+        self.kv_pool = KVCachePool(m.num_hidden_layers, self.num_kvcache_blocks, self.block_size,
+                                   num_kv_heads, m.head_dim, self.dtype, self.device)
+        self.kv_pool.bind(self.model.attention_layers(), self.backend)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.config.enforce_eager or self.device.type != "cuda":
+            return None
+        graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.max_model_len, self.block_size,
+                              self.model_config.hidden_size, self.dtype, self.device)
+        graphs.capture()
+        return graphs
+
+    # ---- the step ----------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Logits [num_sampled, vocab] on rank 0, None on other ranks."""
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            hidden = self.graphs.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model.compute_logits(hidden, inputs.meta.logits_indices)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[int, int]:
+        """Run one step; returns {seq_id: sampled token} for the sequences that sample."""
+        inputs = build_step_inputs(batch, self.block_size, self.device)
+        logits = self.forward(inputs)
+        if logits is None or not inputs.sampling_seq_ids:
+            return {}
+        token_ids = self.sampler(logits, inputs.temperatures, self.generator).tolist()
+        return dict(zip(inputs.sampling_seq_ids, token_ids))
+
+    def exit(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None

@@ -1,0 +1,154 @@
+"""Continuous batching with chunked prefill, mixed decode + prefill steps, and
+preemption by recompute."""
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """One step's work: `seqs[i]` computes its next `num_scheduled_tokens[i]` tokens.
+
+    Decodes (one token each) come first, then prefill chunks."""
+    seqs: list[Sequence]
+    num_scheduled_tokens: list[int]
+    num_decodes: int
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: frozenset[int]):
+        self.block_manager = block_manager
+        # each running sequence needs at least one token of the budget per step
+        self.max_num_seqs = min(max_num_seqs, max_num_batched_tokens)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []   # in admission order: the newest is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def abort_all(self) -> list[Sequence]:
+        """Drop every request (after an interrupted step), freeing their blocks."""
+        dropped = self.running + list(self.waiting)
+        for seq in self.running:
+            self.block_manager.free(seq)
+        for seq in dropped:
+            self.block_manager.forget(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.running, self.waiting = [], deque()
+        return dropped
+
+    # ---- scheduling ----------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        seqs, counts = [], []
+        budget = self.max_num_batched_tokens
+        preempted = self._schedule_decodes(seqs, counts)
+        num_decodes = len(seqs)
+        budget -= num_decodes
+        budget = self._schedule_prefill_chunks(seqs, counts, budget)
+        if not preempted:  # don't readmit in the step that had to evict
+            self._admit_waiting(seqs, counts, budget)
+        return ScheduledBatch(seqs, counts, num_decodes)
+
+    def _schedule_decodes(self, seqs: list[Sequence], counts: list[int]) -> bool:
+        """One token for each running sequence that is decoding; preempt the newest
+        running sequences when blocks run out. Returns whether any was preempted."""
+        preempted = False
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            if len(seqs) == self.max_num_batched_tokens:
+                break
+            while not self.block_manager.can_append(seq):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                self.block_manager.append_slots(seq)
+                seqs.append(seq)
+                counts.append(1)
+        return preempted
+
+    def _schedule_prefill_chunks(self, seqs: list[Sequence], counts: list[int], budget: int) -> int:
+        """Continue the prefills of running sequences, one budget-limited chunk each."""
+        for seq in self.running:
+            if budget == 0:
+                break
+            if seq.num_uncomputed_tokens > 1:
+                n = min(seq.num_uncomputed_tokens, budget)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
+        return budget
+
+    def _admit_waiting(self, seqs: list[Sequence], counts: list[int], budget: int) -> None:
+        """Admit waiting sequences in FIFO order while budget, seats and blocks last."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it will recompute all its tokens later."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- after the step ------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
+        """Advance each scheduled sequence, append the tokens sampled for those that
+        completed their uncomputed tokens (`sampled`: seq_id -> token id), and retire
+        finished ones. Returns the sequences that finished this step."""
+        finished = []
+        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens):
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            token_id = sampled.get(seq.seq_id)
+            if token_id is None:
+                continue
+            seq.token_ids.append(token_id)
+            reason = self._finish_reason(seq, token_id)
+            if reason is not None:
+                seq.finish_reason = reason
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                self.block_manager.forget(seq)
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.sampling_params
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+            return "length"
+        return None

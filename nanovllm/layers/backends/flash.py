@@ -1,0 +1,34 @@
+"""FlashAttention 2 backend: varlen prefill (paged when earlier KV is involved) and
+paged decode. Needs kvcache_block_size % 256 == 0 (checked by resolve_backend)."""
+import torch
+
+from nanovllm.utils.context import AttentionMetadata
+
+try:
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+except ImportError as e:  # resolve_backend checks first; this guards direct imports
+    raise ImportError("the 'flash' attention backend needs flash-attn: pip install flash-attn") from e
+
+
+class FlashBackend:
+    name = "flash"
+
+    def __init__(self, block_size: int, max_model_len: int):
+        from nanovllm.kernels.kv_store import store_kv
+        self._store_kv = store_kv
+
+    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if meta.is_decode and k_cache.numel():
+            out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
+                                          block_table=meta.block_tables, softmax_scale=scale, causal=True)
+            return out.squeeze(1)
+        if not meta.has_cached_kv or not k_cache.numel():
+            # every sequence is a fresh prompt: attend to this step's k/v directly
+            return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                          meta.max_seqlen_q, softmax_scale=scale, causal=True)
+        return flash_attn_varlen_func(q, k_cache, v_cache, meta.cu_seqlens_q, meta.cu_seqlens_k,
+                                      meta.max_seqlen_q, meta.max_seqlen_k, softmax_scale=scale, causal=True,
+                                      block_table=meta.block_tables)

@@ -1,0 +1,42 @@
+"""Attention metadata: everything the attention layers need to know about one step's batch.
+
+The runner builds one `AttentionMetadata` per step and passes it down
+`model -> decoder layer -> attention` explicitly. Every step, decode or prefill or
+mixed, is described the same way: sequence i contributes `q_len_i` new tokens
+(its query rows, contiguous in the flattened batch) and attends to `k_len_i`
+keys, the last `q_len_i` of which are its own new tokens. Decode is `q_len_i == 1`.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    # [num_tokens] int64: flat cache slot (block_id * block_size + offset) for each
+    # new token's K/V. NOTE: slot -1 is never written (CUDA-graph padding rows).
+    slot_mapping: torch.Tensor
+    # [num_seqs + 1] int32: prefix sums of the query lengths (this step's new tokens).
+    cu_seqlens_q: torch.Tensor
+    # [num_seqs + 1] int32: prefix sums of the key lengths (cached + new tokens).
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    # [num_seqs] int32: key length of each sequence after this step's tokens are stored.
+    # 0 for CUDA-graph padding rows.
+    context_lens: torch.Tensor
+    # [num_seqs, max_blocks_per_seq] int32: the physical block ids of each sequence,
+    # padded with -1 past the end of the sequence.
+    block_tables: torch.Tensor
+    # [num_sampled] int64: rows of the flattened batch whose logits go to the LM head
+    # (the last new token of each sequence that samples this step).
+    logits_indices: torch.Tensor
+    # True when every sequence has exactly one new token (a pure decode step).
+    is_decode: bool
+    # True when some sequence attends to keys computed in an earlier step (prefix-cache
+    # hits, later prefill chunks, decodes). False lets prefill attend to k/v directly.
+    has_cached_kv: bool
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]

@@ -1,0 +1,68 @@
+"""Stream a safetensors checkpoint into a model's parameters, shard by shard."""
+import glob
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+# checkpoint keys that carry no parameter of ours
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _route(name: str, packed: dict) -> tuple[str, object]:
+    """Map a checkpoint key to (our parameter name, shard id or None), matching packed
+    module names on whole dotted components (never substrings)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            target, shard_id = packed[part]
+            return ".".join(parts[:i] + [target] + parts[i + 1:]), shard_id
+    return name, None
+
+
+@torch.no_grad()
+def load_model(model: nn.Module, path: str) -> None:
+    """Load every `*.safetensors` tensor under `path` through its parameter's
+    `weight_loader`; raise if a parameter (or fused shard) is missing, loaded twice, or a
+    checkpoint key has no parameter."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in model directory {path!r}")
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules_mapping", {})
+    expected = {(n, s) for n, p in params.items() for s in getattr(p, "shard_ids", [None])}
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and model.tie_word_embeddings):
+                    continue
+                name, shard_id = _route(key, packed)
+                if name not in params:
+                    unexpected.append(key)
+                    continue
+                if (name, shard_id) in loaded:
+                    raise ValueError(f"checkpoint tensor {key!r} loaded twice")
+                param = params[name]
+                try:
+                    tensor = f.get_tensor(key)
+                    weight_loader = getattr(param, "weight_loader", default_weight_loader)
+                    if shard_id is None:
+                        weight_loader(param, tensor)
+                    else:
+                        weight_loader(param, tensor, shard_id)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {key!r}: {e}") from e
+                loaded.add((name, shard_id))
+    missing = sorted(f"{n}" + (f"[{s}]" if s is not None else "") for n, s in expected - loaded)
+    if unexpected or missing:
+        raise ValueError(f"checkpoint {path!r} does not match the model: "
+                         f"missing weights {missing[:10]}, unexpected weights {unexpected[:10]}")
+

@@ -1,0 +1,51 @@
+"""Random-weight HF checkpoints: for tests (the HF model is the oracle) and for benchmarks
+(speed does not depend on the weights). No model hub needed.
+"""
+import json
+import os
+
+import torch
+
+
+def make_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose vocabulary covers every model token id.
+
+    Token i is the word `t{i}` (specials first), so any sampled id detokenizes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<eos>", "<bos>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+
+
+def make_random_checkpoint(path: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32,
+                           init_range: float | None = None, with_tokenizer: bool = True) -> str:
+    """Build an HF causal LM from `config` (a config.json dict, `architectures` set), with
+    random weights, and save it as safetensors (+ a tokenizer) under `path`.
+
+    `init_range` overrides `initializer_range`: tests use a large one (e.g. 0.5) because at
+    the default 0.02 a random model repeats one token, which hides position and cache bugs."""
+    import transformers
+
+    config = dict(config)
+    if init_range is not None:
+        config["initializer_range"] = init_range
+    arch = config["architectures"][0]
+    hf_config = transformers.AutoConfig.for_model(**config)
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(hf_config).to(dtype)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if with_tokenizer:
+        make_tokenizer(config["vocab_size"]).save_pretrained(path)
+    return path
+
+
+def load_config(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

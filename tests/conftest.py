@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny random HF checkpoints (the oracle is HF transformers itself)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through the interpreter; must be set before they are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from nanovllm.utils.random_checkpoint import make_random_checkpoint  # noqa: E402
+
+VOCAB = 512
+BASE = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=VOCAB, hidden_size=64,
+            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
+            eos_token_id=1, bos_token_id=2)
+VARIANTS = {
+    "qwen3": {},
+    "qwen3-tied-mha": dict(tie_word_embeddings=True, num_key_value_heads=4),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"]),
+    "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=True,
+                  rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                    original_max_position_embeddings=256)),
+}
+
+
+def variant_config(name: str) -> dict:
+    return {**BASE, **VARIANTS[name]}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(name) -> path of a saved random checkpoint of that variant (made once)."""
+    made = {}
+
+    def get(name: str = "qwen3") -> str:
+        if name not in made:
+            path = str(tmp_path_factory.mktemp(name))
+            # initializer_range 0.5: at HF's default 0.02 a random model repeats one token
+            made[name] = make_random_checkpoint(path, variant_config(name), seed=0, init_range=0.5)
+        return made[name]
+    return get
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    if not torch.cuda.is_available():
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)

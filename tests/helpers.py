@@ -1,0 +1,36 @@
+"""Test helpers: the HF oracle and tie-tolerant greedy agreement."""
+import functools
+import random
+
+import torch
+from transformers import AutoModelForCausalLM
+
+TIE_TOL = 1e-4  # two logits closer than this are a tie in float32
+
+
+@functools.lru_cache(maxsize=8)
+def hf_model(path: str):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
+    """HF's logits at every position of `token_ids`: [len, vocab]."""
+    return hf_model(path)(torch.tensor([token_ids])).logits[0].float()
+
+
+def assert_greedy_matches_hf(path: str, prompt: list[int], completion: list[int]) -> None:
+    """Each generated token must be HF's argmax given everything before it (teacher
+    forcing over prompt + completion in one HF pass), up to float32 ties."""
+    logits = hf_logits(path, prompt + completion)
+    for step, token in enumerate(completion):
+        row = logits[len(prompt) - 1 + step]
+        best = row.max().item()
+        assert row[token].item() >= best - TIE_TOL, (
+            f"step {step}: generated {token} (logit {row[token].item():.6f}) but HF's argmax is "
+            f"{row.argmax().item()} (logit {best:.6f}); prompt length {len(prompt)}")
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
