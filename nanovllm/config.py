@@ -139,6 +139,16 @@ class ModelConfig:
         with open(config_path) as f:
             return cls.from_hf(json.load(f))
 
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise before any work if the model cannot be split over `tp` ranks."""
+        kv = self.num_key_value_heads
+        for name, value in (("num_attention_heads", self.num_attention_heads), ("vocab_size", self.vocab_size),
+                            ("intermediate_size", self.intermediate_size)):
+            if value % tp:
+                raise ValueError(f"tensor_parallel_size {tp} must divide {name} ({value})")
+        if kv % tp and tp % kv:
+            raise ValueError(f"tensor_parallel_size {tp} must divide num_key_value_heads ({kv}) or be a multiple of it")
+
     def resolve_dtype(self, requested: str, device: torch.device) -> torch.dtype:
         if requested != "auto":
             return DTYPES[requested]

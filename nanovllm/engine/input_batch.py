@@ -1,5 +1,8 @@
-"""Turn a scheduled batch into the flat tensors one forward pass takes."""
-from dataclasses import dataclass
+"""Turn a scheduled batch into the flat tensors one forward pass takes.
+
+They are built on the host (rank 0 ships them to tensor-parallel workers as they are),
+then moved to the device with one non-blocking copy per tensor."""
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -16,17 +19,28 @@ class StepInputs:
     sampling_seq_ids: list[int]    # the sequences that sample this step, in logits order
     temperatures: torch.Tensor     # [num_sampled] float32
 
-
-def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+    def to(self, device: torch.device) -> "StepInputs":
+        if device.type == "cpu":
+            return self
+        return _map_tensors(self, lambda t: t.pin_memory().to(device, non_blocking=True))
 
 
-def build_step_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> StepInputs:
-    """Sequence i contributes its tokens [num_computed, num_computed + n_i): queries at
-    those positions, keys 0 .. num_computed + n_i - 1 (the new ones stored first)."""
+def _map_tensors(obj, fn):
+    """Apply `fn` to every tensor field of a (nested) frozen dataclass."""
+    changes = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = fn(value)
+        elif hasattr(value, "__dataclass_fields__"):
+            changes[f.name] = _map_tensors(value, fn)
+    return replace(obj, **changes)
+
+
+def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
+    """Host tensors for one step (`.to(device)` moves them). Sequence i contributes its
+    tokens [num_computed, num_computed + n_i): queries at those positions, keys
+    0 .. num_computed + n_i - 1 (the new ones stored first)."""
     counts = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
     starts = np.asarray([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
     num_seqs, num_tokens = len(batch.seqs), int(counts.sum())
@@ -54,16 +68,16 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, device: torch.devi
     temperatures = np.asarray([batch.seqs[i].sampling_params.temperature for i in samples], dtype=np.float32)
 
     meta = AttentionMetadata(
-        slot_mapping=_to(slot_mapping, device),
-        cu_seqlens_q=_to(cu_q, device),
-        cu_seqlens_k=_to(cu_k, device),
+        slot_mapping=torch.from_numpy(slot_mapping),
+        cu_seqlens_q=torch.from_numpy(cu_q),
+        cu_seqlens_k=torch.from_numpy(cu_k),
         max_seqlen_q=int(counts.max()),
         max_seqlen_k=int(context_lens.max()),
-        context_lens=_to(context_lens, device),
-        block_tables=_to(block_tables, device),
-        logits_indices=_to(logits_indices, device),
+        context_lens=torch.from_numpy(context_lens),
+        block_tables=torch.from_numpy(block_tables),
+        logits_indices=torch.from_numpy(logits_indices),
         is_decode=bool((counts == 1).all()),
         has_cached_kv=bool((starts > 0).any()),
     )
-    return StepInputs(_to(input_ids, device), _to(positions, device), meta,
-                      [batch.seqs[i].seq_id for i in samples], _to(temperatures, device))
+    return StepInputs(torch.from_numpy(input_ids), torch.from_numpy(positions), meta,
+                      [batch.seqs[i].seq_id for i in samples], torch.from_numpy(temperatures))

@@ -1,18 +1,25 @@
 """The engine: request intake and validation, the step loop, detokenization, progress."""
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
+import weakref
 from collections.abc import Sequence as SequenceABC
 
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.worker import WorkerDied, WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanovllm")
@@ -48,7 +55,23 @@ class LLMEngine:
         self.device = self.config.resolved_device
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.eos_token_ids = _eos_ids(path, self.tokenizer, hf_config)
-        self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, self.device)
+        self.model_config.check_tensor_parallel(self.config.tensor_parallel_size)
+        if self.device.type == "cuda" and self.config.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size {self.config.tensor_parallel_size} exceeds the "
+                             f"{torch.cuda.device_count()} visible CUDA devices")
+        self.workers = None
+        if self.config.tensor_parallel_size > 1:
+            self.workers = WorkerGroup(self.config, self.model_config, self.max_model_len)
+        try:
+            device = torch.device("cuda", 0) if self.device.type == "cuda" and self.workers else self.device
+            init_method = self.workers.init_method if self.workers else None
+            self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, device, 0,
+                                            init_method)
+        except BaseException:
+            if self.workers:
+                self.workers.shutdown()
+            raise
+        self._finalizer = weakref.finalize(self, _shutdown, self.model_runner, self.workers)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size,
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
@@ -111,9 +134,25 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
-        sampled = self.model_runner.run(batch)
+        inputs = build_step_inputs(batch, self.config.kvcache_block_size)
+        with _deferred_sigint():  # a step runs whole: TP ranks must never fall out of lockstep
+            sampled = self._run_step(inputs)
         finished = self.scheduler.postprocess(batch, sampled)
         return finished, batch.num_tokens - batch.num_decodes, batch.num_decodes
+
+    def _run_step(self, inputs) -> dict[int, int]:
+        if not self.workers:
+            return self.model_runner.run(inputs)
+        self.workers.check_alive()
+        self.workers.call("run", inputs)
+        try:
+            return self.model_runner.run(inputs)
+        except Exception as e:  # a collective failed: name the dead worker if there is one
+            try:
+                self.workers.check_alive()
+            except WorkerDied as died:
+                raise died from e
+            raise
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
@@ -146,4 +185,27 @@ class LLMEngine:
                 "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason}
 
     def exit(self) -> None:
-        self.model_runner.exit()
+        """Free CUDA graphs, stop tensor-parallel workers, release shared memory."""
+        self._finalizer()
+
+
+def _shutdown(model_runner: ModelRunner, workers: WorkerGroup | None) -> None:
+    if workers:
+        workers.shutdown()
+    model_runner.exit()
+
+
+@contextlib.contextmanager
+def _deferred_sigint():
+    """Hold a Ctrl-C that arrives mid-step until the step is done, then raise it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if caught:
+        raise KeyboardInterrupt

@@ -2,12 +2,12 @@
 import logging
 
 import torch
+import torch.distributed as dist
 
 from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
-from nanovllm.engine.input_batch import StepInputs, build_step_inputs
+from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.kv_cache import KVCachePool, block_bytes
-from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
@@ -20,9 +20,10 @@ logger = logging.getLogger("nanovllm")
 
 class ModelRunner:
     def __init__(self, config: Config, model_config: ModelConfig, max_model_len: int, device: torch.device,
-                 rank: int = 0):
+                 rank: int = 0, init_method: str | None = None):
         self.config, self.model_config = config, model_config
         self.max_model_len, self.device, self.rank = max_model_len, device, rank
+        self._init_distributed(init_method)
         self.block_size = config.kvcache_block_size
         self.dtype = model_config.resolve_dtype(config.dtype, device)
         self.backend_name = resolve_backend(config.attention_backend, device, self.block_size)
@@ -38,6 +39,18 @@ class ModelRunner:
         self.graphs = self._capture_graphs()
 
     # ---- construction ----------------------------------------------------------------
+    def _init_distributed(self, init_method: str | None) -> None:
+        world_size = self.config.tensor_parallel_size
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if world_size == 1:
+            return
+        if dist.is_initialized():
+            raise RuntimeError("a tensor-parallel LLM already runs in this process; call its exit() first")
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=init_method,
+                                world_size=world_size, rank=self.rank,
+                                device_id=self.device if self.device.type == "cuda" else None)
+
     def _load_model(self) -> torch.nn.Module:
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)  # build straight in the target dtype, on the device
@@ -87,6 +100,10 @@ class ModelRunner:
         else:
             budget = cfg.cpu_kvcache_bytes
         num_blocks = budget // per_block
+        if tp_size() > 1:  # every rank must hold the same blocks: take the smallest budget
+            count = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache (one block needs {per_block} bytes, "
                                f"{max(budget, 0)} available): raise gpu_memory_utilization or cpu_kvcache_bytes, "
@@ -119,9 +136,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Run one step; returns {seq_id: sampled token} for the sequences that sample."""
-        inputs = build_step_inputs(batch, self.block_size, self.device)
+    def run(self, inputs: StepInputs) -> dict[int, int]:
+        """Run one step on this rank; returns {seq_id: sampled token} for the sequences
+        that sample (on rank 0; empty on the other ranks)."""
+        inputs = inputs.to(self.device)
         logits = self.forward(inputs)
         if logits is None or not inputs.sampling_seq_ids:
             return {}
@@ -129,6 +147,9 @@ class ModelRunner:
         return dict(zip(inputs.sampling_seq_ids, token_ids))
 
     def exit(self) -> None:
+        # NOTE: CUDA graphs hold communicator state: free them before the process group
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

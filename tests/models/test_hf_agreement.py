@@ -21,10 +21,10 @@ def engine_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     seq = Sequence(token_ids, GREEDY)
     bm = BlockManager(llm.model_runner.num_kvcache_blocks, llm.config.kvcache_block_size, False)
     bm.allocate(seq)
-    inputs = build_step_inputs(ScheduledBatch([seq], [len(seq)], 0), bm.block_size, llm.device)
+    inputs = build_step_inputs(ScheduledBatch([seq], [len(seq)], 0), bm.block_size)
     meta = dataclasses.replace(inputs.meta, logits_indices=torch.arange(len(seq)))
     inputs = dataclasses.replace(inputs, meta=meta)
-    return llm.model_runner.forward(inputs).float()
+    return llm.model_runner.forward(inputs.to(llm.device)).float()
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen3-tied-mha", "qwen2", "llama"])
