@@ -26,7 +26,7 @@ class ModelRunner:
         self._init_distributed(init_method)
         self.block_size = config.kvcache_block_size
         self.dtype = model_config.resolve_dtype(config.dtype, device)
-        self.backend_name = resolve_backend(config.attention_backend, device, self.block_size)
+        self.backend_name = resolve_backend(config.attention_backend, device, self.block_size, self.dtype)
         self.model = self._load_model()
         self.backend = make_backend(self.backend_name, self.block_size, max_model_len)
         for layer in self.model.attention_layers():  # warmup runs before the cache exists

@@ -24,12 +24,13 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
+def resolve_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
     """Turn `auto` into a concrete backend and check the choice can run here."""
+    half = dtype in (torch.float16, torch.bfloat16)
     if name == "auto":
         if device.type != "cuda":
             name = "torch"
-        elif flash_available() and block_size % FLASH_BLOCK_SIZE == 0:
+        elif half and flash_available() and block_size % FLASH_BLOCK_SIZE == 0:
             name = "flash"
         else:
             name = "triton"
@@ -39,6 +40,8 @@ def resolve_backend(name: str, device: torch.device, block_size: int) -> str:
     if name == "flash":
         if not flash_available():
             raise ImportError("attention_backend 'flash' needs flash-attn: pip install flash-attn")
+        if not half:
+            raise ValueError(f"attention_backend 'flash' needs float16 or bfloat16, got dtype {dtype}")
         if block_size % FLASH_BLOCK_SIZE:
             raise ValueError(f"attention_backend 'flash' needs kvcache_block_size to be a multiple of "
                              f"{FLASH_BLOCK_SIZE}, got {block_size}; use the 'triton' backend for other sizes")
