@@ -1,23 +1,98 @@
-"""Per-request sampling settings, validated when the object is made."""
-from dataclasses import dataclass
+"""Per-request sampling settings (vLLM's names and semantics), validated when the object is made."""
+import math
+from dataclasses import KW_ONLY, dataclass
+
+# OpenAI's (and vLLM's) range for presence_penalty and frequency_penalty
+MAX_ABS_ADDITIVE_PENALTY = 2.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0   # 0 = greedy (argmax)
+    """How to sample one prompt's completion(s).
+
+    The pipeline, per step: logprobs are read from the raw logits; then repetition /
+    frequency / presence penalties, the min_tokens mask, temperature (0 = greedy argmax),
+    top-k, top-p and min-p, in that order (HF's), and one draw from what is left.
+    `stop` and `stop_token_ids` are normalized to tuples."""
+    temperature: float = 1.0        # 0 = greedy (argmax)
     max_tokens: int = 64
     ignore_eos: bool = False
+    _: KW_ONLY                      # the fields below are keyword-only
+    n: int = 1                      # samples of the prompt; they share its KV blocks
+    top_p: float = 1.0              # in (0, 1]: keep the smallest top set reaching p (1 = off)
+    top_k: int = 0                  # keep the k most likely tokens (0 or -1 = off)
+    min_p: float = 0.0              # in [0, 1]: drop tokens below min_p * the top probability
+    seed: int | None = None         # per-request RNG: the same seed gives the same output in any batch
+    min_tokens: int = 0             # EOS and stop ids are masked (stop strings ignored) until this many exist
+    stop: tuple[str, ...] = ()      # output text ends before the first match (not included)
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None     # k: the sampled token's log-probability and the top-k alternatives
+    repetition_penalty: float = 1.0   # HF: > 1 discourages every token of prompt + output
+    presence_penalty: float = 0.0     # OpenAI: subtracted once from each token present in the output
+    frequency_penalty: float = 0.0    # OpenAI: subtracted once per occurrence in the output
 
     def __post_init__(self):
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t >= 0 or t == float("inf"):
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        m = self.max_tokens
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {m!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        # normalize before validating: a single stop string or a list are accepted
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif isinstance(self.stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if isinstance(self.stop_token_ids, (list, tuple)):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        self._check_sampling()
+        self._check_lengths()
+        self._check_stops()
+        self._check_penalties()
+
+    def _check_sampling(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a finite number >= 0")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
+        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
+               "-1 or 0 (off), or an integer >= 1")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
+               self.logprobs, "None or an integer >= 0")
+
+    def _check_lengths(self) -> None:
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+               self.min_tokens, f"an integer in [0, max_tokens={self.max_tokens}]")
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+
+    def _check_stops(self) -> None:
+        _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
+               self.stop, "a non-empty string or a list of non-empty strings")
+        _check(isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+               "stop_token_ids", self.stop_token_ids, "a list of integer token ids >= 0")
+
+    def _check_penalties(self) -> None:
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and abs(value) <= MAX_ABS_ADDITIVE_PENALTY, name, value,
+                   f"in [-{MAX_ABS_ADDITIVE_PENALTY}, {MAX_ABS_ADDITIVE_PENALTY}] (0 = off)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

@@ -7,7 +7,9 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from nanovllm.engine.sampling_batch import build_sampling_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.sampler import SamplingTensors
 from nanovllm.utils.context import AttentionMetadata
 
 
@@ -17,7 +19,7 @@ class StepInputs:
     positions: torch.Tensor        # [num_tokens] int64
     meta: AttentionMetadata
     sampling_seq_ids: list[int]    # the sequences that sample this step, in logits order
-    temperatures: torch.Tensor     # [num_sampled] float32
+    sampling: SamplingTensors      # per sampling sequence: temperature, top-k/p, penalties, seeds...
 
     def to(self, device: torch.device) -> "StepInputs":
         if device.type == "cpu":
@@ -37,7 +39,8 @@ def _map_tensors(obj, fn):
     return replace(obj, **changes)
 
 
-def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
+def build_step_inputs(batch: ScheduledBatch, block_size: int,
+                      eos_token_ids: frozenset[int] = frozenset()) -> StepInputs:
     """Host tensors for one step (`.to(device)` moves them). Sequence i contributes its
     tokens [num_computed, num_computed + n_i): queries at those positions, keys
     0 .. num_computed + n_i - 1 (the new ones stored first)."""
@@ -65,7 +68,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
 
     samples = [i for i, seq in enumerate(batch.seqs) if context_lens[i] == len(seq)]
     logits_indices = cu_q[1:][samples].astype(np.int64) - 1
-    temperatures = np.asarray([batch.seqs[i].sampling_params.temperature for i in samples], dtype=np.float32)
+    sampling = build_sampling_tensors([batch.seqs[i] for i in samples], eos_token_ids)
 
     meta = AttentionMetadata(
         slot_mapping=torch.from_numpy(slot_mapping),
@@ -80,4 +83,4 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int) -> StepInputs:
         has_cached_kv=bool((starts > 0).any()),
     )
     return StepInputs(torch.from_numpy(input_ids), torch.from_numpy(positions), meta,
-                      [batch.seqs[i].seq_id for i in samples], torch.from_numpy(temperatures))
+                      [batch.seqs[i].seq_id for i in samples], sampling)

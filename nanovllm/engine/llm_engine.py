@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -17,10 +18,13 @@ from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.output_processor import OutputProcessor, RequestState
+from nanovllm.engine.sampling_batch import StepOutput
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.worker import WorkerDied, WorkerGroup
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.model_path import resolve_model_path
 
 logger = logging.getLogger("nanovllm")
 
@@ -45,7 +49,8 @@ def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
 
 class LLMEngine:
     def __init__(self, model: str, **kwargs):
-        self.config = Config.from_kwargs(model, **kwargs)
+        # "demo" and GGUF files resolve to an HF directory (converted once, cached)
+        self.config = Config.from_kwargs(resolve_model_path(model), **kwargs)
         path = self.config.model
         self.model_config = ModelConfig.from_dir(path)
         with open(os.path.join(path, "config.json")) as f:
@@ -63,9 +68,8 @@ class LLMEngine:
         if self.config.tensor_parallel_size > 1:
             self.workers = WorkerGroup(self.config, self.model_config, self.max_model_len)
         try:
-            device = torch.device("cuda", 0) if self.device.type == "cuda" and self.workers else self.device
             init_method = self.workers.init_method if self.workers else None
-            self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, device, 0,
+            self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, self.device, 0,
                                             init_method)
         except BaseException:
             if self.workers:
@@ -76,6 +80,7 @@ class LLMEngine:
                                           self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
 
     def engine_info(self) -> dict:
         blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
@@ -109,13 +114,30 @@ class LLMEngine:
             raise ValueError(f"prompts[{i}]: {total} tokens need {blocks} KV blocks but the whole cache has "
                              f"{self.block_manager.num_blocks}")
 
+    def _check_params(self, i: int, params: SamplingParams) -> None:
+        """The checks that need the model: token ids within the vocabulary."""
+        vocab = self.model_config.vocab_size
+        if params.logprobs is not None and params.logprobs > vocab:
+            raise ValueError(f"sampling_params[{i}]: logprobs must be <= vocab_size {vocab}, got {params.logprobs}")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"sampling_params[{i}]: stop_token_ids has {bad[0]} outside [0, {vocab})")
+
     def make_requests(self, prompts, sampling_params) -> list[Sequence]:
         """Validate every request before any is queued: a bad one raises and none runs."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string, a list of token ids or a list of those, "
+                            f"got {type(prompts).__name__}")
         prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
+        elif not isinstance(sampling_params, (list, tuple)):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, "
+                            f"got {type(sampling_params).__name__}")
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
@@ -125,6 +147,7 @@ class LLMEngine:
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
             token_ids = self._token_ids(i, prompt)
             self._check_fits(i, len(token_ids), params)
+            self._check_params(i, params)
             seqs.append(Sequence(token_ids, params))
         return seqs
 
@@ -134,13 +157,14 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
-        inputs = build_step_inputs(batch, self.config.kvcache_block_size)
+        inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids)
         with _deferred_sigint():  # a step runs whole: TP ranks must never fall out of lockstep
-            sampled = self._run_step(inputs)
-        finished = self.scheduler.postprocess(batch, sampled)
+            output = self._run_step(inputs)
+        finished = self.scheduler.postprocess(batch, output.sampled)
+        finished += self.outputs.process(output)  # text, stop strings (they finish sequences too), logprobs
         return finished, batch.num_tokens - batch.num_decodes, batch.num_decodes
 
-    def _run_step(self, inputs) -> dict[int, int]:
+    def _run_step(self, inputs) -> StepOutput:
         if not self.workers:
             return self.model_runner.run(inputs)
         self.workers.check_alive()
@@ -156,33 +180,55 @@ class LLMEngine:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        """Generate completions for `prompts` (strings or token-id lists); returns one dict
-        per prompt, in order: text, token_ids (generated), prompt_token_ids, finish_reason."""
-        seqs = self.make_requests(prompts, sampling_params or SamplingParams())
-        for seq in seqs:
-            self.scheduler.add(seq)
+        """Generate completions for `prompts` (strings or token-id lists). Returns one dict
+        per prompt, in order:
+          text, token_ids (generated), prompt_token_ids,
+          finish_reason: "stop" (EOS, a stop token id or a stop string) or "length",
+          stop_reason: the stop string or stop token id that ended it (None otherwise),
+          metrics: {"time_to_first_token", "time_per_output_token", "seconds"} (seconds),
+          logprobs (when asked): per generated token {"token_id", "logprob", "top_logprobs": {id: logprob}},
+          outputs (when n > 1): the n completions, each with the fields above and its index;
+            the top-level fields are the first's."""
+        seqs = self.make_requests(prompts, sampling_params)
+        requests = self.outputs.add(seqs)
+        for _ in self._run(requests, use_tqdm):
+            pass
+        return [request.output() for request in requests]
+
+    def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
+               ) -> Iterator[dict]:
+        """Like `generate`, but yields deltas as tokens are produced: {"index": the prompt's,
+        "sample_index", "text": new text, "token_ids": new ids, "finished", "finish_reason",
+        "stop_reason"} (+ "logprobs" when asked). A sample's deltas add up to generate's
+        text and token_ids. Requests are validated now; they run as the iterator is consumed,
+        and closing it early drops them. One generate or stream runs at a time: the engine's
+        step loop serves every queued request."""
+        seqs = self.make_requests(prompts, sampling_params)
+        return self._stream(seqs)
+
+    def _stream(self, seqs: list[Sequence]) -> Iterator[dict]:
+        yield from self._run(self.outputs.add(seqs, stream=True), use_tqdm=False)
+
+    def _run(self, requests: list[RequestState], use_tqdm: bool) -> Iterator[dict]:
+        """Step until the scheduler is empty, yielding stream deltas after each step."""
+        bar = tqdm(total=sum(r.params.n for r in requests), desc="Generating", dynamic_ncols=True,
+                   disable=not use_tqdm)
         try:
-            self._run_until_done(len(seqs), use_tqdm)
-        except BaseException:
+            with bar:
+                while not self.scheduler.is_finished():
+                    start = time.perf_counter()
+                    finished, num_prefill, num_decode = self.step()
+                    elapsed = max(time.perf_counter() - start, 1e-9)
+                    rate = "prefill" if num_prefill else "decode"
+                    bar.set_postfix({rate: f"{(num_prefill or num_decode) / elapsed:.0f}tok/s"})
+                    bar.update(len(finished))
+                    yield from self.outputs.take_deltas()
+        except BaseException:  # also a stream closed early (GeneratorExit)
             self.scheduler.abort_all()  # leave the engine usable: every block freed
+            self.outputs.abort()
             raise
-        return [self._output(seq) for seq in seqs]
-
-    def _run_until_done(self, num_requests: int, use_tqdm: bool) -> None:
-        bar = tqdm(total=num_requests, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        with bar:
-            while not self.scheduler.is_finished():
-                start = time.perf_counter()
-                finished, num_prefill, num_decode = self.step()
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                rate = "prefill" if num_prefill else "decode"
-                bar.set_postfix({rate: f"{(num_prefill or num_decode) / elapsed:.0f}tok/s"})
-                bar.update(len(finished))
-
-    def _output(self, seq: Sequence) -> dict:
-        token_ids = seq.completion_token_ids
-        return {"text": self.tokenizer.decode(token_ids, skip_special_tokens=True), "token_ids": token_ids,
-                "prompt_token_ids": seq.token_ids[:seq.num_prompt_tokens], "finish_reason": seq.finish_reason}
+        finally:
+            self.outputs.release(requests)
 
     def exit(self) -> None:
         """Free CUDA graphs, stop tensor-parallel workers, release shared memory."""

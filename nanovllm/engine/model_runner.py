@@ -8,6 +8,7 @@ from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.kv_cache import KVCachePool, block_bytes
+from nanovllm.engine.sampling_batch import StepOutput, to_step_output
 from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
@@ -136,15 +137,16 @@ class ModelRunner:
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> dict[int, int]:
-        """Run one step on this rank; returns {seq_id: sampled token} for the sequences
-        that sample (on rank 0; empty on the other ranks)."""
+    def run(self, inputs: StepInputs) -> StepOutput:
+        """Run one step on this rank; returns the tokens (and logprobs) sampled for the
+        sequences that sample (on rank 0; empty on the other ranks)."""
         inputs = inputs.to(self.device)
         logits = self.forward(inputs)
         if logits is None or not inputs.sampling_seq_ids:
-            return {}
-        token_ids = self.sampler(logits, inputs.temperatures, self.generator).tolist()
-        return dict(zip(inputs.sampling_seq_ids, token_ids))
+            return StepOutput.empty()
+        # NOTE: outside any CUDA graph: the sampler runs eagerly on the logits
+        out = self.sampler(logits, inputs.sampling, self.generator)
+        return to_step_output(inputs.sampling_seq_ids, out, inputs.sampling)
 
     def exit(self) -> None:
         # NOTE: CUDA graphs hold communicator state: free them before the process group

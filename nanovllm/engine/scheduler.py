@@ -37,8 +37,13 @@ class Scheduler:
         self.running: list[Sequence] = []   # in admission order: the newest is preempted first
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        """Queue a request; `front` puts it first in line (the later samples of an n > 1
+        request, whose prompt blocks are cached now)."""
+        if front:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -137,18 +142,27 @@ class Scheduler:
             seq.token_ids.append(token_id)
             reason = self._finish_reason(seq, token_id)
             if reason is not None:
-                seq.finish_reason = reason
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
-                self.block_manager.forget(seq)
-                self.running.remove(seq)
+                stop_reason = token_id if reason == "stop" and token_id in seq.sampling_params.stop_token_ids else None
+                self.finish(seq, reason, stop_reason)
                 finished.append(seq)
         return finished
 
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Retire a running sequence now, freeing its blocks (also when its text matched a stop string)."""
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
+        self.block_manager.forget(seq)
+        self.running.remove(seq)
+
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
-        if not params.ignore_eos and token_id in self.eos_token_ids:
-            return "stop"
+        # NOTE: no stop before min_tokens (the sampler masks EOS and stop ids until then)
+        if seq.num_completion_tokens > params.min_tokens:
+            if not params.ignore_eos and token_id in self.eos_token_ids:
+                return "stop"
+            if token_id in params.stop_token_ids:
+                return "stop"
         if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None

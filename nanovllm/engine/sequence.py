@@ -33,6 +33,7 @@ class Sequence:
     num_computed_tokens: int = 0   # tokens whose K/V are in the cache
     num_cached_tokens: int = 0     # of those, how many came from the prefix cache
     finish_reason: str | None = None
+    stop_reason: int | str | None = None   # the stop token id or stop string that ended it (vLLM's)
 
     def __post_init__(self):
         self.token_ids = list(self.token_ids)

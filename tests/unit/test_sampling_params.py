@@ -1,0 +1,75 @@
+"""SamplingParams validation: every out-of-range value is a ValueError naming its field."""
+import dataclasses
+import math
+
+import pytest
+
+from nanovllm.sampling_params import SamplingParams
+
+BAD_VALUES = {
+    "n": [0, -1, 1.0, True, None],
+    "temperature": [-0.1, math.inf, math.nan, "1", True, None],
+    "top_p": [0, -0.5, 1.01, math.nan, "0.9", None],
+    "top_k": [-2, 1.5, True, None],
+    "min_p": [-0.1, 1.1, math.nan, None],
+    "seed": [1.0, "7", True],
+    "max_tokens": [0, -3, 2.0, True, None],
+    "min_tokens": [-1, 65, 1.0, None],         # 65 > the default max_tokens of 64
+    "ignore_eos": [0, 1, "yes", None],
+    "stop": ["", [""], ["ok", 3], 5, [None]],
+    "stop_token_ids": [[-1], [1.0], [True], "3", 3],
+    "logprobs": [-1, 1.5, True, "2"],
+    "repetition_penalty": [0, -1.0, math.inf, math.nan, None],
+    "presence_penalty": [2.5, -2.01, math.nan, None],
+    "frequency_penalty": [-3, 2.0001, math.inf, None],
+}
+
+
+@pytest.mark.parametrize("field, value", [(f, v) for f, values in BAD_VALUES.items() for v in values])
+def test_bad_value_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .*, got "):
+        SamplingParams(**{field: value})
+
+
+def test_every_field_is_validated():
+    names = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert names == set(BAD_VALUES)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(n=4), dict(temperature=0), dict(temperature=2.5), dict(top_p=1), dict(top_p=1e-9), dict(top_k=-1),
+    dict(top_k=0), dict(top_k=50), dict(min_p=0), dict(min_p=1), dict(seed=0), dict(seed=-5), dict(seed=2**70),
+    dict(max_tokens=1, min_tokens=1), dict(logprobs=0), dict(logprobs=20), dict(stop=["a", "bc"]),
+    dict(stop_token_ids=[0, 151643]), dict(repetition_penalty=0.5), dict(presence_penalty=-2),
+    dict(frequency_penalty=2),
+])
+def test_good_values_are_accepted(kwargs):
+    params = SamplingParams(**kwargs)
+    for name, value in kwargs.items():
+        expected = tuple(value) if isinstance(value, list) else value
+        assert getattr(params, name) == expected
+
+
+def test_stop_is_normalized_to_a_tuple():
+    assert SamplingParams(stop="###").stop == ("###",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    assert SamplingParams(stop_token_ids=[5, 6]).stop_token_ids == (5, 6)
+    assert SamplingParams(stop=["a"]) == SamplingParams(stop=("a",))   # frozen, comparable, hashable
+    hash(SamplingParams(stop=["a"], stop_token_ids=[1]))
+
+
+def test_unknown_keyword_is_a_type_error():
+    with pytest.raises(TypeError, match="best_of"):
+        SamplingParams(best_of=2)
+
+
+def test_positional_fields_keep_their_order():
+    # temperature, max_tokens, ignore_eos stay positional; the rest are keyword-only
+    assert SamplingParams(0.5, 10, True) == SamplingParams(temperature=0.5, max_tokens=10, ignore_eos=True)
+    with pytest.raises(TypeError):
+        SamplingParams(0.5, 10, True, 2)
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        SamplingParams().temperature = 0
