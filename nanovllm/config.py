@@ -77,9 +77,11 @@ class Config:
 
     @property
     def resolved_device(self) -> torch.device:
-        if self.device is None:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        name = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and device.index is None:  # torch.cuda.set_device needs an index
+            device = torch.device("cuda", 0)
+        return device
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,16 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool      # biased q/k/v projections (Qwen2)
+    o_proj_bias: bool         # biased o_proj (Llama/Qwen3 with attention_bias; never Qwen2)
+    mlp_bias: bool            # biased gate/up/down projections (Llama with mlp_bias)
     qk_norm: bool             # per-head RMSNorm on q and k (Qwen3)
     torch_dtype: str
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
         arch = (hf.get("architectures") or ["?"])[0]
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: 'silu')")
         heads = hf["num_attention_heads"]
         # transformers v5 moved rope_theta (and scaling) into rope_parameters
         rope_params = hf.get("rope_parameters") or {}
@@ -112,6 +118,8 @@ class ModelConfig:
         rope_scaling = hf.get("rope_scaling")
         if rope_scaling is None and rope_params.get("rope_type", "default") != "default":
             rope_scaling = rope_params
+        if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
+            rope_scaling = None  # NOTE: "default" is plain RoPE in either layout
         return cls(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -126,7 +134,10 @@ class ModelConfig:
             rope_scaling=rope_scaling,
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=bool(hf.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            # NOTE: HF's Qwen2 always biases q/k/v, whatever its config says
+            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            o_proj_bias=bool(hf.get("attention_bias", False)) and arch != "Qwen2ForCausalLM",
+            mlp_bias=bool(hf.get("mlp_bias", False)) and arch == "LlamaForCausalLM",
             qk_norm=hf.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM",
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", ""),
         )

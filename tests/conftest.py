@@ -23,6 +23,8 @@ VARIANTS = {
     "llama": dict(model_type="llama", architectures=["LlamaForCausalLM"], tie_word_embeddings=True,
                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                     original_max_position_embeddings=256)),
+    "llama-untied-bias": dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True,
+                              mlp_bias=True),
 }
 
 

@@ -22,13 +22,17 @@ def hf_logits(path: str, token_ids: list[int]) -> torch.Tensor:
 def assert_greedy_matches_hf(path: str, prompt: list[int], completion: list[int]) -> None:
     """Each generated token must be HF's argmax given everything before it (teacher
     forcing over prompt + completion in one HF pass), up to float32 ties."""
-    logits = hf_logits(path, prompt + completion)
+    assert_greedy_matches(hf_logits(path, prompt + completion), len(prompt), completion)
+
+
+def assert_greedy_matches(logits: torch.Tensor, prompt_len: int, completion: list[int]) -> None:
+    """`logits`: the oracle's [prompt_len + len(completion), vocab] logits, teacher-forced."""
     for step, token in enumerate(completion):
-        row = logits[len(prompt) - 1 + step]
+        row = logits[prompt_len - 1 + step]
         best = row.max().item()
         assert row[token].item() >= best - TIE_TOL, (
             f"step {step}: generated {token} (logit {row[token].item():.6f}) but HF's argmax is "
-            f"{row.argmax().item()} (logit {best:.6f}); prompt length {len(prompt)}")
+            f"{row.argmax().item()} (logit {best:.6f}); prompt length {prompt_len}")
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:

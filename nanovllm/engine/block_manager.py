@@ -31,6 +31,7 @@ class Block:
     ref_count: int = 0
     hash: int = NO_HASH
     token_ids: tuple[int, ...] = ()   # stored to verify a hash hit against collisions
+    parent_hash: int = NO_HASH        # and its position: the hash of the block before it
 
 
 class BlockManager:
@@ -72,13 +73,20 @@ class BlockManager:
             return []
         # NOTE: the last token is never a prefix-cache hit: it must be computed to sample
         max_hits = (len(seq) - 1) // self.block_size
-        hits = []
+        hits, parent = [], NO_HASH
         for i, h in enumerate(self._hashes(seq, max_hits)):
             block_id = self.hash_to_block.get(h)
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.block_tokens(i, self.block_size)):
+            if block_id is None or not self._holds(block_id, parent, seq.block_tokens(i, self.block_size)):
                 break
             hits.append(block_id)
+            parent = h
         return hits
+
+    def _holds(self, block_id: int, parent: int, token_ids: list[int]) -> bool:
+        """NOTE: a hash hit counts only if the block holds these tokens at this position
+        (same parent hash), so a collision never shares K/V computed for another prefix."""
+        block = self.blocks[block_id]
+        return block.parent_hash == parent and block.token_ids == tuple(token_ids)
 
     # ---- allocation ----------------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
@@ -131,19 +139,19 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         hashes = self._hashes(seq, full)
         for i in range(start, full):
-            self._register(seq, i, hashes[i])
+            self._register(seq, i, hashes[i], hashes[i - 1] if i else NO_HASH)
         self._num_registered[seq.seq_id] = max(start, full)
 
-    def _register(self, seq: Sequence, i: int, h: int) -> None:
+    def _register(self, seq: Sequence, i: int, h: int, parent: int) -> None:
         block = self.blocks[seq.block_table[i]]
         if block.hash == h:
             return
-        tokens = tuple(seq.block_tokens(i, self.block_size))
+        tokens = seq.block_tokens(i, self.block_size)
         existing = self.hash_to_block.get(h)
         if existing is None:
-            block.hash, block.token_ids = h, tokens
+            block.hash, block.token_ids, block.parent_hash = h, tuple(tokens), parent
             self.hash_to_block[h] = block.block_id
-        elif self.blocks[existing].token_ids == tokens:
+        elif self._holds(existing, parent, tokens):
             self._take(existing)  # dedupe: share the registered twin, free our copy
             seq.block_table[i] = existing
             self._release(block.block_id)
@@ -163,7 +171,7 @@ class BlockManager:
         if block.hash != NO_HASH:  # evict its cached prefix
             if self.hash_to_block.get(block.hash) == block_id:
                 del self.hash_to_block[block.hash]
-            block.hash, block.token_ids = NO_HASH, ()
+            block.hash, block.token_ids, block.parent_hash = NO_HASH, (), NO_HASH
         block.ref_count = 1
         return block_id
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.loader import default_weight_loader
+from nanovllm.utils.loader import check_shape, default_weight_loader
 from nanovllm.utils.parallel import all_reduce, divide, gather_to_rank0, tp_rank, tp_size
 
 
@@ -20,6 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        check_shape(loaded, (self.vocab_size, param.shape[1]))
         default_weight_loader(param, loaded.narrow(0, self.vocab_start, self.shard_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.utils.loader import check_shape
 from nanovllm.utils.loader import default_weight_loader as _copy
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
@@ -43,6 +44,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
+        check_shape(loaded, (size * tp_size(), *param.shape[1:]))
         _copy(param, loaded.narrow(0, tp_rank() * size, size))
 
 
@@ -53,11 +55,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
         self.weight.shard_ids = list(range(len(output_sizes)))
+        if bias:
+            self.bias.shard_ids = list(range(len(output_sizes)))
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
         tp = tp_size()
         offset = sum(self.output_sizes[:shard_id]) // tp
         size = self.output_sizes[shard_id] // tp
+        check_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, tp_rank() * size, size))
 
 
@@ -76,6 +81,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             divide(tp, total_num_kv_heads, "a replicated KV head count")
             self.num_kv_heads = 1
         self.kv_replicas = max(1, tp // total_num_kv_heads)
+        self.total_num_heads, self.total_num_kv_heads = total_num_heads, total_num_kv_heads
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, output_size, bias)
         self.weight.shard_ids = ["q", "k", "v"]
@@ -89,6 +95,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, start = kv_size, (tp_rank() // self.kv_replicas) * kv_size
+        total_heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        check_shape(loaded, (total_heads * self.head_dim, *param.shape[1:]))
         _copy(param.data.narrow(0, offset, size), loaded.narrow(0, start, size))
 
 
@@ -103,6 +111,7 @@ class RowParallelLinear(LinearBase):
             _copy(param, loaded)
             return
         size = param.shape[1]
+        check_shape(loaded, (param.shape[0], size * tp_size()))
         _copy(param, loaded.narrow(1, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

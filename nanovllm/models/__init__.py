@@ -4,8 +4,8 @@ from torch import nn
 from nanovllm.config import ModelConfig
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 
-# Qwen2 and Llama are Qwen3 without q/k norm (Qwen2: biased qkv; Llama: llama3 RoPE scaling);
-# ModelConfig.from_hf sets those flags.
+# Qwen2 and Llama are Qwen3 without q/k norm (Qwen2: biased qkv; Llama: llama3 RoPE scaling,
+# optional attention/MLP biases); ModelConfig.from_hf sets those flags.
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2ForCausalLM": Qwen3ForCausalLM,
@@ -15,6 +15,6 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 def build_model(cfg: ModelConfig, max_position: int) -> nn.Module:
     if cfg.architecture not in MODEL_REGISTRY:
-        raise ValueError(f"architecture {cfg.architecture!r} is not supported; "
-                         f"supported: {sorted(MODEL_REGISTRY)}")
+        raise ValueError(f"model architecture {cfg.architecture!r} (config.json 'architectures') is not "
+                         f"supported; supported architectures: {sorted(MODEL_REGISTRY)}")
     return MODEL_REGISTRY[cfg.architecture](cfg, max_position)

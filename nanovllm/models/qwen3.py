@@ -1,7 +1,8 @@
 """Qwen3 (and its close relatives Qwen2 and Llama) from our tensor-parallel layers.
 
 The three differ only in flags that `ModelConfig` normalizes: Qwen3 has a per-head
-RMSNorm on q and k; Qwen2 has biased q/k/v projections; Llama may scale RoPE (llama3).
+RMSNorm on q and k; Qwen2 has biased q/k/v projections; Llama may scale RoPE (llama3)
+and bias its projections (attention_bias, mlp_bias).
 Module names match the HF checkpoint keys, so the loader maps weights by name.
 """
 import torch
@@ -24,7 +25,8 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
                                           cfg.num_key_value_heads, bias=cfg.attention_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size,
+                                        bias=cfg.o_proj_bias)
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, max_position, cfg.rope_theta, cfg.rope_scaling)
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, scale=cfg.head_dim ** -0.5)
         self.qk_norm = cfg.qk_norm
@@ -49,8 +51,9 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
+                                                       bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

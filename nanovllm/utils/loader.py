@@ -10,9 +10,15 @@ from torch import nn
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def check_shape(loaded: torch.Tensor, expected) -> None:
+    """The checkpoint tensor must have the model's full (unsharded) shape: checked before a
+    loader narrows it to this rank's slice, which would hide a mismatch or fail without a name."""
+    if tuple(loaded.shape) != tuple(expected):
+        raise ValueError(f"shape mismatch: parameter {tuple(expected)} vs checkpoint {tuple(loaded.shape)}")
+
+
 def default_weight_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    check_shape(loaded, param.shape)
     param.data.copy_(loaded)
 
 

