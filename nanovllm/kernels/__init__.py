@@ -1,5 +1,14 @@
-"""Triton kernels for the attention backend.
+"""Triton kernels: KV store, paged attention, and the fused elementwise layers.
 
-Nothing here is imported by `import nanovllm`: only `layers/backends/triton_backend.py`
-imports these modules, so CPU-only installs never touch Triton.
+`import nanovllm` imports none of the kernel modules (so CPU-only installs never touch
+Triton): the attention backends and the layers' CUDA branches import them lazily.
 """
+import os
+
+import torch
+
+
+def fused_kernels_enabled(x: torch.Tensor) -> bool:
+    """Whether a layer should run its fused Triton kernel on `x` (CUDA tensors, unless
+    NANOVLLM_FUSED_KERNELS=0 asks for the PyTorch path, e.g. to measure the difference)."""
+    return x.is_cuda and os.environ.get("NANOVLLM_FUSED_KERNELS", "1") != "0"

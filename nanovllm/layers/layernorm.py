@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from nanovllm.kernels import fused_kernels_enabled
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -17,7 +19,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual).
+        On CUDA one fused kernel does it all (updating `residual` in place)."""
+        if fused_kernels_enabled(x):
+            from nanovllm.kernels.rmsnorm import rmsnorm
+            return rmsnorm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nanovllm.config import ModelConfig
+from nanovllm.kernels import fused_kernels_enabled
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -41,11 +42,20 @@ class Qwen3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
+        q, k = self._norm_and_rotate(positions, q, k)
         out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.flatten(1))
+
+
+    def _norm_and_rotate(self, positions, q, k):
+        """Per-head q/k RMSNorm (Qwen3) then RoPE; on CUDA one fused kernel for both."""
+        if fused_kernels_enabled(q):
+            from nanovllm.kernels.rotary import qk_norm_rope
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+            return qk_norm_rope(q, k, positions, self.rotary_emb.cos, self.rotary_emb.sin, *norms)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return self.rotary_emb(positions, q, k)
 
 
 class Qwen3MLP(nn.Module):

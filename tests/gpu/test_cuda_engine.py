@@ -40,30 +40,53 @@ def run(path: str, prompts, **config) -> list[list[int]]:
         torch.cuda.empty_cache()
 
 
-def agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    same = sum(x == y for sa, sb in zip(a, b) for x, y in zip(sa, sb))
-    return same / sum(len(s) for s in a)
-
-
 @pytest.fixture(scope="module")
 def reference_tokens(qwen3_06b, prompts):
+    """Greedy tokens of the torch reference backend, eager."""
     tokens = run(qwen3_06b, prompts, attention_backend="torch", enforce_eager=True)
     assert len({t for seq in tokens for t in seq}) >= 16, "degenerate random model: outputs barely vary"
     return tokens
 
 
+@pytest.fixture(scope="module")
+def oracle(qwen3_06b):
+    """HF transformers in float32 on the GPU, from the same bf16 weights."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.float32).cuda().eval()
+
+
+@torch.no_grad()
+def oracle_agreement(oracle, prompts, completions, rel_tol: float = 0.03) -> float:
+    """Share of generated tokens that are the float32 oracle's argmax given the same history
+    (teacher forcing, so one bf16 near-tie does not cascade), up to a tie tolerance of
+    `rel_tol` x the logit row's standard deviation: bf16 noise, not systematic drift."""
+    good = total = 0
+    device = next(oracle.parameters()).device
+    for prompt, completion in zip(prompts, completions):
+        logits = oracle(torch.tensor([prompt + completion], device=device)).logits[0].float()
+        rows = logits[len(prompt) - 1:len(prompt) - 1 + len(completion)]
+        chosen = rows.gather(1, torch.tensor(completion, device=device)[:, None]).squeeze(1)
+        good += (chosen >= rows.max(dim=1).values - rel_tol * rows.std(dim=1)).sum().item()
+        total += len(completion)
+    return good / total
+
+
 @pytest.mark.parametrize("backend", ["flash", "triton"])
 @pytest.mark.parametrize("eager", [True, False])
-def test_backends_and_graphs_agree_with_reference(qwen3_06b, prompts, reference_tokens, backend, eager):
+def test_backends_and_graphs_agree_with_oracle(qwen3_06b, prompts, oracle, backend, eager):
     if backend == "flash":
         pytest.importorskip("flash_attn")
     tokens = run(qwen3_06b, prompts, attention_backend=backend, enforce_eager=eager)
-    score = agreement(reference_tokens, tokens)
-    assert score >= 0.95, f"{backend} (eager={eager}) agrees on {score:.1%} of greedy tokens"
+    score = oracle_agreement(oracle, prompts, tokens)
+    assert score >= 0.95, f"{backend} (eager={eager}): {score:.1%} of greedy tokens are the oracle's argmax"
+
+
+def test_torch_reference_agrees_with_oracle(prompts, oracle, reference_tokens):
+    assert oracle_agreement(oracle, prompts, reference_tokens) >= 0.95
 
 
 @pytest.mark.parametrize("backend", ["triton", "flash"])
-def test_triton_block16_and_chunked_prefill_agree(qwen3_06b, prompts, reference_tokens, backend):
+def test_block16_and_chunked_prefill_agree_with_oracle(qwen3_06b, prompts, oracle, backend):
     if backend == "flash":
         pytest.importorskip("flash_attn")
         config = dict(kvcache_block_size=256, max_num_batched_tokens=300, num_kvcache_blocks=40)
@@ -75,7 +98,7 @@ def test_triton_block16_and_chunked_prefill_agree(qwen3_06b, prompts, reference_
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     finally:
         llm.exit()
-    assert agreement(reference_tokens, tokens) >= 0.95
+    assert oracle_agreement(oracle, prompts, tokens) >= 0.95
 
 
 @torch.no_grad()
@@ -98,7 +121,7 @@ def test_prefill_logits_close_to_hf_bf16(qwen3_06b):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_agrees_with_tp1(qwen3_06b, prompts, reference_tokens):
+def test_tp2_agrees_with_oracle(qwen3_06b, prompts, oracle):
     tokens = run(qwen3_06b, prompts, tensor_parallel_size=2)
-    score = agreement(reference_tokens, tokens)
-    assert score >= 0.95, f"TP=2 agrees with the TP=1 reference on {score:.1%} of greedy tokens"
+    score = oracle_agreement(oracle, prompts, tokens)
+    assert score >= 0.95, f"TP=2: {score:.1%} of greedy tokens are the oracle's argmax"
