@@ -56,10 +56,15 @@ def oracle(qwen3_06b):
 
 
 @torch.no_grad()
-def oracle_agreement(oracle, prompts, completions, rel_tol: float = 0.03) -> float:
+def oracle_agreement(oracle, prompts, completions, rel_tol: float = 0.1) -> float:
     """Share of generated tokens that are the float32 oracle's argmax given the same history
     (teacher forcing, so one bf16 near-tie does not cascade), up to a tie tolerance of
-    `rel_tol` x the logit row's standard deviation: bf16 noise, not systematic drift."""
+    `rel_tol` x the logit row's standard deviation.
+
+    NOTE: measured on an H100, our bf16 prefill logits (flash) differ from the fp32 oracle by
+    1.26% of the row std (rms), and raw argmax agreement at those positions is 93.5%: a
+    random model has many near-ties. 0.1 is ~5.6 sigma of a two-logit difference: bf16
+    noise passes, a systematic error (wrong position, stale cache) does not."""
     good = total = 0
     device = next(oracle.parameters()).device
     for prompt, completion in zip(prompts, completions):
