@@ -57,10 +57,12 @@ class Config:
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(self.device is None or self.device in ("cpu", "cuda") or str(self.device).startswith("cuda:"),
                "device", self.device, "None, 'cpu', 'cuda' or 'cuda:N'")
-        _check(self.dtype == "auto" or self.dtype in DTYPES, "dtype", self.dtype, f"'auto' or one of {list(DTYPES)}")
+        _check(isinstance(self.dtype, str) and (self.dtype == "auto" or self.dtype in DTYPES), "dtype", self.dtype,
+               f"'auto' or one of {list(DTYPES)}")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"one of {list(ATTENTION_BACKENDS)}")
-        _check(_is_int(self.seed), "seed", self.seed, "an integer")
+        # torch.Generator.manual_seed takes [-2**63, 2**64)
+        _check(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed, "an integer in [-2**63, 2**64)")
         if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device is {self.device!r} but CUDA is not available; use device='cpu'")
         if not os.path.isdir(self.model):

@@ -4,6 +4,12 @@ from dataclasses import KW_ONLY, dataclass
 
 # OpenAI's (and vLLM's) range for presence_penalty and frequency_penalty
 MAX_ABS_ADDITIVE_PENALTY = 2.0
+# The sampler divides float32 logits by the temperature and the repetition penalty: below
+# this a logit overflows to inf and the distribution turns NaN (vLLM samples greedily below
+# 1e-5 too); far above it the value no longer fits a float32 (or flips every logit to -inf).
+MIN_DIVISOR = 1e-5
+FLOAT32_MAX = 3.4028234663852886e38
+INT64_MAX = 2**63 - 1   # top_k travels in an int64 tensor
 
 
 def _is_int(x) -> bool:
@@ -59,11 +65,12 @@ class SamplingParams:
 
     def _check_sampling(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-               "a finite number >= 0")
+        t = self.temperature
+        _check(_is_number(t) and (t == 0 or MIN_DIVISOR <= t <= FLOAT32_MAX), "temperature", t,
+               f"0 (greedy) or a number in [{MIN_DIVISOR}, {FLOAT32_MAX:.4g}]")
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "in (0, 1]")
-        _check(_is_int(self.top_k) and (self.top_k >= 0 or self.top_k == -1), "top_k", self.top_k,
-               "-1 or 0 (off), or an integer >= 1")
+        _check(_is_int(self.top_k) and (0 <= self.top_k <= INT64_MAX or self.top_k == -1), "top_k", self.top_k,
+               "-1 or 0 (off), or an integer in [1, 2**63 - 1]")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
         _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
         _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
@@ -82,8 +89,8 @@ class SamplingParams:
                "stop_token_ids", self.stop_token_ids, "a list of integer token ids >= 0")
 
     def _check_penalties(self) -> None:
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               self.repetition_penalty, "a finite number > 0 (1 = off)")
+        _check(_is_number(self.repetition_penalty) and MIN_DIVISOR <= self.repetition_penalty <= 1 / MIN_DIVISOR,
+               "repetition_penalty", self.repetition_penalty, f"in [{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and abs(value) <= MAX_ABS_ADDITIVE_PENALTY, name, value,

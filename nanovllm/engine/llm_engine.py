@@ -91,8 +91,13 @@ class LLMEngine:
     # ---- intake ------------------------------------------------------------------------
     def _token_ids(self, i: int, prompt) -> list[int]:
         if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, SequenceABC) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            try:
+                token_ids = self.tokenizer.encode(prompt)
+            except (TypeError, ValueError) as e:  # e.g. a lone surrogate
+                raise ValueError(f"prompts[{i}] cannot be tokenized: {e}") from e
+        # NOTE: bytes are a sequence of ints, but never token ids
+        elif (isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray))
+              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
             token_ids = list(prompt)
         else:
             raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
@@ -154,14 +159,16 @@ class LLMEngine:
     # ---- the loop ----------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], int, int]:
         """One scheduler step; returns (finished sequences, prefill tokens, decode tokens)."""
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
-        inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids)
-        with _deferred_sigint():  # a step runs whole: TP ranks must never fall out of lockstep
+        # NOTE: a step runs whole: TP ranks never fall out of lockstep, and a Ctrl-C never
+        # lands mid-bookkeeping (a sequence holding blocks in neither queue would leak them)
+        with _deferred_sigint():
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
+            inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids)
             output = self._run_step(inputs)
-        finished = self.scheduler.postprocess(batch, output.sampled)
-        finished += self.outputs.process(output)  # text, stop strings (they finish sequences too), logprobs
+            finished = self.scheduler.postprocess(batch, output.sampled)
+            finished += self.outputs.process(output)  # text, stop strings (they finish sequences too), logprobs
         return finished, batch.num_tokens - batch.num_decodes, batch.num_decodes
 
     def _run_step(self, inputs) -> StepOutput:

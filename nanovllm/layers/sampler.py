@@ -125,6 +125,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     mass_before = probs.cumsum(dim=-1) - probs
     # rows with top_p 1 are left alone: cumsum rounding must not clip their tail
     drop = (mass_before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    drop[:, 0] = False  # NOTE: also when top_p rounds to 0 in float32 (a top_p below ~1e-45)
     sorted_logits.masked_fill_(drop, float("-inf"))
     logits.scatter_(1, order, sorted_logits)
 
