@@ -86,6 +86,15 @@ class Config:
         return device
 
 
+def read_hf_config(path: str) -> dict:
+    """The model directory's config.json, as a dict."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in model directory {path!r}")
+    with open(config_path) as f:
+        return json.load(f)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The HF config.json, normalized once so model code reads plain fields."""
@@ -146,11 +155,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"no config.json in model directory {path!r}")
-        with open(config_path) as f:
-            return cls.from_hf(json.load(f))
+        return cls.from_hf(read_hf_config(path))
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise before any work if the model cannot be split over `tp` ranks."""

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from nanovllm.config import Config, ModelConfig
+from nanovllm.config import Config, ModelConfig, read_hf_config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
@@ -52,9 +52,8 @@ class LLMEngine:
         # "demo" and GGUF files resolve to an HF directory (converted once, cached)
         self.config = Config.from_kwargs(resolve_model_path(model), **kwargs)
         path = self.config.model
-        self.model_config = ModelConfig.from_dir(path)
-        with open(os.path.join(path, "config.json")) as f:
-            hf_config = json.load(f)
+        hf_config = read_hf_config(path)  # read once: the model config and the EOS ids come from it
+        self.model_config = ModelConfig.from_hf(hf_config)
         # derived, never written back into the user's config
         self.max_model_len = min(self.config.max_model_len, self.model_config.max_position_embeddings)
         self.device = self.config.resolved_device

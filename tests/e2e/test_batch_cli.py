@@ -98,23 +98,6 @@ def test_bad_arguments(path, input_file, tmp_path):
         batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--replicas", "0"))
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        pytest.skip(f'Ray Data is not importable ({e}): pip install -e ".[ray]"')
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")  # recent Ray turns token auth on by default
-        started = not ray.is_initialized()
-        if started:  # the workers inherit this environment (and the checkpoint's tmp path)
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        if started:
-            ray.shutdown()
-
-
 def test_on_ray_two_replicas_round_trip(ray_cluster, path, input_file, tmp_path, expected, capsys):
     output = str(tmp_path / "out.jsonl")
     assert batch_cli.main(cli(path, input_file, output, "--replicas", "2")) == 0

@@ -182,23 +182,6 @@ def test_concurrent_batches_share_engine_steps(predictor, llm):
 
 
 # ---- on a local Ray cluster --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster():
-    try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        pytest.skip(f'Ray Data is not importable ({e}): pip install -e ".[ray]"')
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "disabled")  # recent Ray turns token auth on by default
-        started = not ray.is_initialized()
-        if started:  # its worker processes inherit this environment
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        yield ray
-        if started:
-            ray.shutdown()
-
-
 def test_two_replicas_equal_one_in_process_llm(ray_cluster, path, llm):
     ray = ray_cluster
     rows = [{"id": i, "prompt": text(p)} for i, p in enumerate(PROMPTS)]
