@@ -286,6 +286,8 @@ def parse_args(argv=None):
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (nanovllm)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nanovllm)")
+    p.add_argument("--no-overlap", action="store_true", help="enable_overlap=False: no overlap scheduling (nanovllm)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="the step's token budget (nanovllm; default: the engine's)")
     p.add_argument("--attention-backend", default="auto", help="auto|torch|triton|flash (nanovllm)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, help="default: the engine's")
@@ -307,6 +309,10 @@ def engine_config(args) -> dict:
     """Exactly the keywords LLM() gets: the reference's (enforce_eager=False, max_model_len=4096) + flags."""
     config = {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len,
               "tensor_parallel_size": args.tp, "attention_backend": args.attention_backend}
+    if args.no_overlap:
+        config["enable_overlap"] = False
+    if args.max_num_batched_tokens is not None:
+        config["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.gpu_memory_utilization is not None:
         config["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.device is not None:

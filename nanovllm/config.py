@@ -35,6 +35,7 @@ class Config:
     num_kvcache_blocks: int = -1          # -1: size the cache from memory
     cpu_kvcache_bytes: int = 1 << 30      # the KV budget on CPU, where no memory probe exists
     enable_prefix_caching: bool = True
+    enable_overlap: bool = True           # schedule step N+1 while the device runs step N
     device: str | None = None             # None: cuda when available, else cpu
     dtype: str = "auto"                   # auto: the checkpoint's (float32 on CPU when it is half)
     attention_backend: str = "auto"       # auto: flash if importable on CUDA, else triton; torch on CPU
@@ -53,7 +54,7 @@ class Config:
                "num_kvcache_blocks", self.num_kvcache_blocks, "-1 (auto) or an integer >= 1")
         _check(_is_int(self.cpu_kvcache_bytes) and self.cpu_kvcache_bytes >= 1,
                "cpu_kvcache_bytes", self.cpu_kvcache_bytes, "an integer >= 1")
-        for name in ("enforce_eager", "enable_prefix_caching"):
+        for name in ("enforce_eager", "enable_prefix_caching", "enable_overlap"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(self.device is None or self.device in ("cpu", "cuda") or str(self.device).startswith("cuda:"),
                "device", self.device, "None, 'cpu', 'cuda' or 'cuda:N'")

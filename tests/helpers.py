@@ -2,10 +2,15 @@
 import functools
 import random
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 TIE_TOL = 1e-4  # two logits closer than this are a tie in float32
+
+# Tensor-parallel tests run 2 ranks: gloo processes on CPU, or 2 GPUs when CUDA is there.
+needs_two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                                     reason="tensor parallelism on CUDA needs 2 GPUs")
 
 
 @functools.lru_cache(maxsize=8)

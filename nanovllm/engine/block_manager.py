@@ -136,7 +136,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         start = self._num_registered[seq.seq_id]
-        full = seq.num_computed_tokens // self.block_size
+        # NOTE: a block is hashed only once all its token ids are known (none pending)
+        full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         hashes = self._hashes(seq, full)
         for i in range(start, full):
             self._register(seq, i, hashes[i], hashes[i - 1] if i else NO_HASH)

@@ -20,6 +20,10 @@ class StepInputs:
     meta: AttentionMetadata
     sampling_seq_ids: list[int]    # the sequences that sample this step, in logits order
     sampling: SamplingTensors      # per sampling sequence: temperature, top-k/p, penalties, seeds...
+    # overlap scheduling: input ids the host does not know yet, taken on the device from
+    # the previous step's sampled ids: input_ids[deferred_index] = prev_sampled[deferred_prev_row]
+    deferred_index: torch.Tensor | None = None      # [num_deferred] int64
+    deferred_prev_row: torch.Tensor | None = None   # [num_deferred] int64
 
     def to(self, device: torch.device) -> "StepInputs":
         if device.type == "cpu":
@@ -39,11 +43,15 @@ def _map_tensors(obj, fn):
     return replace(obj, **changes)
 
 
-def build_step_inputs(batch: ScheduledBatch, block_size: int,
-                      eos_token_ids: frozenset[int] = frozenset()) -> StepInputs:
+def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: frozenset[int] = frozenset(),
+                      prev_rows: dict[int, int] | None = None) -> StepInputs:
     """Host tensors for one step (`.to(device)` moves them). Sequence i contributes its
     tokens [num_computed, num_computed + n_i): queries at those positions, keys
-    0 .. num_computed + n_i - 1 (the new ones stored first)."""
+    0 .. num_computed + n_i - 1 (the new ones stored first).
+
+    A decode whose input token is still pending (sampled by the previous step, see
+    `Sequence.num_pending_tokens`) reads it on the device: `prev_rows` maps seq_id to
+    its row in the previous step's sampled ids."""
     counts = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
     starts = np.asarray([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
     num_seqs, num_tokens = len(batch.seqs), int(counts.sum())
@@ -56,9 +64,15 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int,
     input_ids = np.empty(num_tokens, dtype=np.int64)
     max_blocks = max(len(seq.block_table) for seq in batch.seqs)
     block_tables = np.full((num_seqs, max_blocks), -1, dtype=np.int32)
+    deferred_index, deferred_prev_row = [], []
     for i, seq in enumerate(batch.seqs):
         start = int(starts[i])
-        input_ids[cu_q[i]:cu_q[i + 1]] = seq.token_ids[start:start + counts[i]]
+        if start < len(seq.token_ids):
+            input_ids[cu_q[i]:cu_q[i + 1]] = seq.token_ids[start:start + counts[i]]
+        else:  # a decode of the pending token (only ever the last one, one per sequence)
+            input_ids[cu_q[i]] = 0
+            deferred_index.append(int(cu_q[i]))
+            deferred_prev_row.append(prev_rows[seq.seq_id])
         block_tables[i, :len(seq.block_table)] = seq.block_table
 
     seq_index = np.repeat(np.arange(num_seqs), counts)              # [num_tokens]
@@ -82,5 +96,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int,
         is_decode=bool((counts == 1).all()),
         has_cached_kv=bool((starts > 0).any()),
     )
+    deferred = (torch.tensor(deferred_index, dtype=torch.int64), torch.tensor(deferred_prev_row, dtype=torch.int64)
+                ) if deferred_index else (None, None)
     return StepInputs(torch.from_numpy(input_ids), torch.from_numpy(positions), meta,
-                      [batch.seqs[i].seq_id for i in samples], sampling)
+                      [batch.seqs[i].seq_id for i in samples], sampling, *deferred)

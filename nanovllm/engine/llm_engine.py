@@ -9,6 +9,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -19,8 +20,8 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor, RequestState
-from nanovllm.engine.sampling_batch import StepOutput
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sampling_batch import PendingOutput, StepOutput
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.worker import WorkerDied, WorkerGroup
 from nanovllm.sampling_params import SamplingParams
@@ -45,6 +46,14 @@ def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
         elif isinstance(src, list):
             ids.update(i for i in src if isinstance(i, int))
     return frozenset(ids)
+
+
+@dataclass
+class InFlight:
+    """A launched step whose output the host has not processed yet."""
+    batch: ScheduledBatch
+    output: PendingOutput
+    rows: dict[int, int]   # seq_id -> its row in the step's sampled ids
 
 
 class LLMEngine:
@@ -80,6 +89,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        self._in_flight: InFlight | None = None
 
     def engine_info(self) -> dict:
         blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
@@ -157,20 +167,57 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------
     def step(self) -> tuple[list[Sequence], int, int]:
-        """One scheduler step; returns (finished sequences, prefill tokens, decode tokens)."""
+        """Schedule and launch one step, then process the output of the step before it
+        (overlap) or of this one (`enable_overlap=False`). Returns (the sequences that
+        finished, prefill tokens, decode tokens launched).
+
+        With overlap the host schedules and prepares step N+1 while the device runs step
+        N; the ids step N samples stay on the device as step N+1's inputs."""
         # NOTE: a step runs whole: TP ranks never fall out of lockstep, and a Ctrl-C never
         # lands mid-bookkeeping (a sequence holding blocks in neither queue would leak them)
         with _deferred_sigint():
+            finished = []
+            if self._in_flight is not None and self.scheduler.needs_every_token():
+                finished += self._process(self._take_in_flight())
             batch = self.scheduler.schedule()
-            if not batch.seqs:
+            launched = None
+            if batch.seqs:
+                prev_rows = self._in_flight.rows if self._in_flight is not None else {}
+                inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids, prev_rows)
+                output = self._run_step(inputs)
+                self.scheduler.on_launch(batch)
+                launched = InFlight(batch, output, {seq_id: i for i, seq_id in enumerate(inputs.sampling_seq_ids)})
+            elif self._in_flight is None and not self.scheduler.is_finished():
                 raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
-            inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids)
-            output = self._run_step(inputs)
-            finished = self.scheduler.postprocess(batch, output.sampled)
-            finished += self.outputs.process(output)  # text, stop strings (they finish sequences too), logprobs
+            previous, self._in_flight = self._in_flight, launched
+            if previous is not None:
+                finished += self._process(previous)
+            if not self.config.enable_overlap and self._in_flight is not None:
+                finished += self._process(self._take_in_flight())
         return finished, batch.num_tokens - batch.num_decodes, batch.num_decodes
 
-    def _run_step(self, inputs) -> StepOutput:
+    def _take_in_flight(self) -> InFlight:
+        flight, self._in_flight = self._in_flight, None
+        return flight
+
+    def _process(self, flight: InFlight) -> list[Sequence]:
+        """Wait for a launched step's sampled ids, then advance its sequences and their outputs."""
+        output = flight.output.result()
+        finished, kept = self.scheduler.on_output(flight.batch, output.sampled)
+        logprobs = {seq_id: lp for seq_id, lp in output.logprobs.items() if seq_id in kept}
+        # text, stop strings (they finish sequences too), logprobs
+        return finished + self.outputs.process(StepOutput(kept, logprobs))
+
+    def abort_all(self) -> None:
+        """Drop every request and the step in flight; the engine stays usable, every block free."""
+        self._in_flight = None
+        self.scheduler.abort_all()
+        self.outputs.abort()
+
+    def has_unfinished_work(self) -> bool:
+        return not self.scheduler.is_finished() or self._in_flight is not None
+
+    def _run_step(self, inputs) -> PendingOutput:
         if not self.workers:
             return self.model_runner.run(inputs)
         self.workers.check_alive()
@@ -221,7 +268,7 @@ class LLMEngine:
                    disable=not use_tqdm)
         try:
             with bar:
-                while not self.scheduler.is_finished():
+                while self.has_unfinished_work():
                     start = time.perf_counter()
                     finished, num_prefill, num_decode = self.step()
                     elapsed = max(time.perf_counter() - start, 1e-9)
@@ -230,8 +277,7 @@ class LLMEngine:
                     bar.update(len(finished))
                     yield from self.outputs.take_deltas()
         except BaseException:  # also a stream closed early (GeneratorExit)
-            self.scheduler.abort_all()  # leave the engine usable: every block freed
-            self.outputs.abort()
+            self.abort_all()
             raise
         finally:
             self.outputs.release(requests)

@@ -8,7 +8,7 @@ from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.kv_cache import KVCachePool, block_bytes
-from nanovllm.engine.sampling_batch import StepOutput, to_step_output
+from nanovllm.engine.sampling_batch import PendingOutput
 from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
@@ -37,6 +37,7 @@ class ModelRunner:
         self._allocate_kv_cache()
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.prev_sampled = None   # the last step's sampled ids, on the device (overlap scheduling)
         self.graphs = self._capture_graphs()
 
     # ---- construction ----------------------------------------------------------------
@@ -137,16 +138,26 @@ class ModelRunner:
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
 
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> StepOutput:
-        """Run one step on this rank; returns the tokens (and logprobs) sampled for the
-        sequences that sample (on rank 0; empty on the other ranks)."""
+    def run(self, inputs: StepInputs) -> PendingOutput:
+        """Launch one step on this rank. Returns the sampled tokens (and logprobs) of the
+        sequences that sample, on their way to the host (rank 0; empty on other ranks)."""
         inputs = inputs.to(self.device)
+        if inputs.deferred_index is not None:  # ids sampled by the previous step, never seen by the host
+            inputs.input_ids[inputs.deferred_index] = self.prev_sampled[inputs.deferred_prev_row]
         logits = self.forward(inputs)
-        if logits is None or not inputs.sampling_seq_ids:
-            return StepOutput.empty()
-        # NOTE: outside any CUDA graph: the sampler runs eagerly on the logits
-        out = self.sampler(logits, inputs.sampling, self.generator)
-        return to_step_output(inputs.sampling_seq_ids, out, inputs.sampling)
+        if not inputs.sampling_seq_ids:
+            return PendingOutput([], None, None)
+        out = None
+        if logits is not None:
+            # NOTE: outside any CUDA graph: the sampler runs eagerly on the logits
+            out = self.sampler(logits, inputs.sampling, self.generator)
+            self.prev_sampled = out.token_ids
+        if tp_size() > 1 and self.config.enable_overlap:
+            # the other ranks read their next inputs from these ids too
+            if self.rank != 0:
+                self.prev_sampled = torch.empty(len(inputs.sampling_seq_ids), dtype=torch.int64, device=self.device)
+            dist.broadcast(self.prev_sampled, src=0)
+        return PendingOutput(inputs.sampling_seq_ids, out, inputs.sampling)
 
     def exit(self) -> None:
         # NOTE: CUDA graphs hold communicator state: free them before the process group

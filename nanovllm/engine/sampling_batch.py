@@ -66,7 +66,7 @@ def _banned(seqs: list[Sequence], eos_token_ids: frozenset[int]) -> tuple[torch.
     rows, ids = [], []
     for i, seq in enumerate(seqs):
         p = seq.sampling_params
-        if seq.num_completion_tokens < p.min_tokens:
+        if _num_outputs(seq) < p.min_tokens:
             rows.append(i)
             ids.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)))
     return _pairs(rows, ids) if rows else (None, None)
@@ -78,6 +78,12 @@ def _logprobs(params: list[SamplingParams], distinct: list[SamplingParams]
         return None, (-1,) * len(params)
     num_logprobs = tuple(-1 if p.logprobs is None else p.logprobs for p in params)
     return _int64([i for i, k in enumerate(num_logprobs) if k >= 0]), num_logprobs
+
+
+def _num_outputs(seq: Sequence) -> int:
+    """Output tokens before the one sampled now, pending ones included, so a row's
+    settings do not depend on whether the previous step's ids reached the host yet."""
+    return len(seq) - seq.num_prompt_tokens
 
 
 def build_sampling_tensors(seqs: list[Sequence], eos_token_ids: frozenset[int]) -> SamplingTensors:
@@ -104,9 +110,40 @@ def build_sampling_tensors(seqs: list[Sequence], eos_token_ids: frozenset[int]) 
         logprob_rows=logprob_rows, num_logprobs=num_logprobs,
         max_top_k=max(max_top_k, 0),
         seeded_rows=tuple(seeded),
-        row_seeds=tuple(row_seed(params[i].seed, seqs[i].num_completion_tokens) for i in seeded),
+        row_seeds=tuple(row_seed(params[i].seed, _num_outputs(seqs[i])) for i in seeded),
         all_greedy=all(p.greedy for p in distinct),
     )
+
+
+class PendingOutput:
+    """A step's sampler output on its way to the host: the device-to-host copies are
+    queued behind the step, and `result()` waits for them, so the host can prepare the
+    next step meanwhile."""
+
+    def __init__(self, seq_ids: list[int], out: SamplerOutput | None, params: SamplingTensors | None):
+        self.seq_ids, self.params = seq_ids, params
+        self._out = out if out is None or out.token_ids.device.type == "cpu" else _to_host_async(out)
+        self._done = None
+        if out is not None and out.token_ids.device.type == "cuda":
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def result(self) -> StepOutput:
+        if self._out is None:
+            return StepOutput.empty()
+        if self._done is not None:
+            self._done.synchronize()
+        return to_step_output(self.seq_ids, self._out, self.params)
+
+
+def _to_host_async(out: SamplerOutput) -> SamplerOutput:
+    def copy(t):
+        if t is None:
+            return None
+        if isinstance(t, tuple):
+            return type(t)(*(copy(x) for x in t))
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+    return copy(out)
 
 
 def to_step_output(seq_ids: list[int], out: SamplerOutput, params: SamplingTensors) -> StepOutput:

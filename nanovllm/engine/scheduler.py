@@ -1,5 +1,12 @@
 """Continuous batching with chunked prefill, mixed decode + prefill steps, and
-preemption by recompute."""
+preemption by recompute.
+
+A step has two halves on the host: `on_launch` (the step went to the device: advance
+the computed counts, count one pending token per sampling sequence) and `on_output`
+(its sampled ids arrived: append them, register full blocks, retire finished
+sequences). With overlap scheduling the next step is scheduled and launched between
+the two, so it sees sequences whose last token is still pending; a sequence that
+turns out to have finished may run one step too many, and that step's token is dropped."""
 from collections import deque
 from dataclasses import dataclass
 
@@ -76,7 +83,7 @@ class Scheduler:
         running sequences when blocks run out. Returns whether any was preempted."""
         preempted = False
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1 or self._reaches_length(seq):
                 continue
             if len(seqs) == self.max_num_batched_tokens:
                 break
@@ -108,7 +115,9 @@ class Scheduler:
         """Admit waiting sequences in FIFO order while budget, seats and blocks last."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            # NOTE: a preempted sequence whose last id is still pending waits for it: the
+            # prefix cache and the prefill need every token id on the host
+            if seq.num_pending_tokens or not self.block_manager.can_allocate(seq):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
@@ -128,32 +137,69 @@ class Scheduler:
         self.num_preemptions += 1
 
     # ---- after the step ------------------------------------------------------------
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
-        """Advance each scheduled sequence, append the tokens sampled for those that
-        completed their uncomputed tokens (`sampled`: seq_id -> token id), and retire
-        finished ones. Returns the sequences that finished this step."""
-        finished = []
+    def on_launch(self, batch: ScheduledBatch) -> list[Sequence]:
+        """The step is on its way: each scheduled sequence has computed its tokens, and
+        those that completed them sample one token, pending until `on_output`. Returns
+        the sampling sequences (logits order)."""
+        sampling = []
         for seq, n in zip(batch.seqs, batch.num_scheduled_tokens):
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
-            token_id = sampled.get(seq.seq_id)
-            if token_id is None:
+            if seq.num_computed_tokens == len(seq):
+                seq.num_pending_tokens += 1
+                sampling.append(seq)
+        return sampling
+
+    def on_output(self, batch: ScheduledBatch, sampled: dict[int, int]) -> tuple[list[Sequence], dict[int, int]]:
+        """The step's sampled ids arrived (`sampled`: seq_id -> token id): append them in
+        order, register the blocks now full of known ids, and retire finished sequences.
+        Returns (the sequences that finished, the ids kept); an id of a sequence that
+        finished before this step's output came is dropped."""
+        finished, kept = [], {}
+        for seq in batch.seqs:
+            if seq.is_finished:
                 continue
-            seq.token_ids.append(token_id)
-            reason = self._finish_reason(seq, token_id)
+            token_id = sampled.get(seq.seq_id)
+            if token_id is not None:
+                seq.num_pending_tokens -= 1
+                seq.token_ids.append(token_id)
+                kept[seq.seq_id] = token_id
+            if seq.status == SequenceStatus.RUNNING:
+                self.block_manager.commit(seq)
+            reason = None if token_id is None else self._finish_reason(seq, token_id)
             if reason is not None:
                 stop_reason = token_id if reason == "stop" and token_id in seq.sampling_params.stop_token_ids else None
                 self.finish(seq, reason, stop_reason)
                 finished.append(seq)
-        return finished
+        return finished, kept
+
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
+        """Both halves at once (no overlap): returns the sequences that finished."""
+        self.on_launch(batch)
+        return self.on_output(batch, sampled)[0]
+
+    def needs_every_token(self) -> bool:
+        """Whether a running request needs its full output history on the host to be
+        scheduled (penalties): then no step may be launched with an id still pending."""
+        return any(seq.sampling_params.has_penalties for seq in self.running)
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        """Retire a running sequence now, freeing its blocks (also when its text matched a stop string)."""
+        """Retire a sequence now, freeing its blocks (also when its text matched a stop
+        string). Tokens still pending for it are dropped when their output arrives."""
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
+        seq.num_pending_tokens = 0
         self.block_manager.free(seq)
         self.block_manager.forget(seq)
-        self.running.remove(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:  # preempted while its last token was pending
+            self.waiting.remove(seq)
+
+    def _reaches_length(self, seq: Sequence) -> bool:
+        """Whether the pending tokens already make the sequence finish by length: it
+        needs no further step (and must not take a block past its limit)."""
+        return seq.num_pending_tokens > 0 and (
+            len(seq) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
@@ -163,6 +209,6 @@ class Scheduler:
                 return "stop"
             if token_id in params.stop_token_ids:
                 return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+        if seq.num_completion_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
             return "length"
         return None

@@ -113,8 +113,7 @@ class EngineLoop:
                     llm.step()
                     running = [job for job in running if not _finish_if_done(llm, job)]
             except Exception as e:
-                llm.scheduler.abort_all()  # as generate does: every block freed, the engine usable
-                llm.outputs.abort()
+                llm.abort_all()  # as generate does: every block freed, the engine usable
                 _fail(running, e)
                 running = []
 

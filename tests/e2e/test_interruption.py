@@ -11,7 +11,7 @@ from nanovllm import LLM, SamplingParams
 from tests.conftest import VOCAB
 from tests.e2e.test_invariance import assert_engine_is_empty, completions
 from tests.e2e.test_tensor_parallel import our_shm
-from tests.helpers import random_prompts
+from tests.helpers import needs_two_ranks, random_prompts
 
 # 20 blocks of 16 under prompts of up to 144 tokens (a shared stem) with up to 64 more, and a
 # 64-token budget: the run chunks, preempts (~20 times) and hits the prefix cache, so an
@@ -90,7 +90,7 @@ INJECTIONS = {
     "model forward raises": ("model_runner.run", 30, Injected, False),
     "KeyboardInterrupt in the model forward": ("model_runner.run", 20, KeyboardInterrupt, False),
     "schedule raises after allocating": ("scheduler.schedule", 45, Injected, True),
-    "postprocess raises": ("scheduler.postprocess", 60, Injected, False),
+    "output bookkeeping raises": ("scheduler.on_output", 60, Injected, False),
     "output processing raises after finishing some": ("outputs.process", 80, Injected, True),
 }
 
@@ -182,6 +182,7 @@ def test_delete_and_make_another(path, expected):
 
 # ---- tensor parallelism on CPU -----------------------------------------------------------------
 
+@needs_two_ranks
 def test_tp2_interruptions_between_and_inside_steps(path, monkeypatch):
     """Rank 0 fails between steps (in `schedule`, so the worker stays in lockstep) and is
     Ctrl-C'd inside a step; both times the next call's results are unchanged. Then the LLM

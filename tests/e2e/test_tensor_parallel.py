@@ -9,7 +9,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine import worker
 from nanovllm.engine.worker import WorkerDied
 from tests.conftest import VOCAB
-from tests.helpers import assert_greedy_matches_hf, random_prompts
+from tests.helpers import assert_greedy_matches_hf, needs_two_ranks, random_prompts
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -23,6 +23,7 @@ def generate(llm: LLM, prompts) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("variant", ["qwen3", "qwen3-tied-mha"])
+@needs_two_ranks
 def test_tp2_matches_tp1_and_hf(checkpoint, variant, monkeypatch):
     path = checkpoint(variant)
     prompts = random_prompts([1, 7, 40, 257, 30, 30, 30, 30], VOCAB, seed=7)
@@ -46,6 +47,7 @@ def test_tp2_matches_tp1_and_hf(checkpoint, variant, monkeypatch):
     assert not our_shm(), "shared memory left behind"
 
 
+@needs_two_ranks
 def test_two_tp_instances_in_a_row(checkpoint):
     prompts = random_prompts([5, 50], VOCAB, seed=8)
     outs = []
@@ -59,6 +61,7 @@ def test_two_tp_instances_in_a_row(checkpoint):
     assert outs[0] == outs[1]
 
 
+@needs_two_ranks
 def test_dead_worker_raises_instead_of_hanging(checkpoint):
     llm = LLM(checkpoint("qwen3"), kvcache_block_size=16, max_model_len=512, tensor_parallel_size=2)
     try:

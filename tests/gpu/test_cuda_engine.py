@@ -107,22 +107,28 @@ def test_block16_and_chunked_prefill_agree_with_oracle(qwen3_06b, prompts, oracl
 
 
 @torch.no_grad()
-def test_prefill_logits_close_to_hf_bf16(qwen3_06b):
+def test_prefill_logits_as_close_to_fp32_as_hf_bf16(qwen3_06b, oracle):
+    """Our bf16 prefill logits are no further from the float32 oracle than HF's own bf16
+    run (same weights, sdpa), up to a 1.5x margin. (Against each other the two bf16 runs
+    differ by ~4.6% in relative norm on an H100: both carry bf16 rounding.)"""
     from transformers import AutoModelForCausalLM
 
     from tests.models.test_hf_agreement import engine_logits
     prompt = random_prompts([300], vocab=10000, seed=12)[0]
+    ids = torch.tensor([prompt], device="cuda")
+    exact = oracle(ids).logits[0].float().cpu()
     hf = AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    expected = hf(torch.tensor([prompt], device="cuda")).logits[0].float()
+    hf_bf16 = hf(ids).logits[0].float().cpu()
     del hf
     llm = LLM(qwen3_06b, max_model_len=2048, num_kvcache_blocks=16)
     try:
         ours = engine_logits(llm, prompt)
     finally:
         llm.exit()
-    expected = expected.cpu()
-    rel = ((ours - expected).norm() / expected.norm()).item()
-    assert rel < 3e-2, f"relative logit error vs HF bf16: {rel:.3e}"
+
+    def rel(x):
+        return ((x - exact).norm() / exact.norm()).item()
+    assert rel(ours) <= 1.5 * rel(hf_bf16), f"ours {rel(ours):.3e} vs HF bf16 {rel(hf_bf16):.3e} (relative to fp32)"
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -31,9 +31,13 @@ def engine_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
 def test_prefill_logits_match_hf(checkpoint, variant):
     path = checkpoint(variant)
     llm = LLM(path, kvcache_block_size=16, max_model_len=1024, num_kvcache_blocks=64)
+    # NOTE: logits reach ~18 here. On CUDA (float32, other math libraries than HF's CPU
+    # run) the models without q/k-norm measured up to 4.4e-4 on an H100 (rotary angles
+    # at position 300 round differently); a wrong position or stale cache is off by O(1).
+    tol = 1e-4 if llm.device.type == "cpu" else 1e-3
     for prompt in random_prompts([1, 7, 300], VOCAB, seed=1):
         diff = (engine_logits(llm, prompt) - hf_logits(path, prompt)).abs().max().item()
-        assert diff <= 1e-4, f"max abs logit diff {diff} for prompt length {len(prompt)}"
+        assert diff <= tol, f"max abs logit diff {diff} for prompt length {len(prompt)}"
 
 
 def check_greedy(path: str, prompts: list[list[int]], **config) -> LLM:
