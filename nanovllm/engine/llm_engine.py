@@ -202,7 +202,7 @@ class LLMEngine:
 
     def _process(self, flight: InFlight) -> list[Sequence]:
         """Wait for a launched step's sampled ids, then advance its sequences and their outputs."""
-        output = flight.output.result()
+        output = flight.output.result(self.workers.check_alive if self.workers else None)
         finished, kept = self.scheduler.on_output(flight.batch, output.sampled)
         logprobs = {seq_id: lp for seq_id, lp in output.logprobs.items() if seq_id in kept}
         # text, stop strings (they finish sequences too), logprobs
@@ -290,7 +290,8 @@ class LLMEngine:
 def _shutdown(model_runner: ModelRunner, workers: WorkerGroup | None) -> None:
     if workers:
         workers.shutdown()
-    model_runner.exit()
+    # NOTE: after a worker died mid-collective, rank 0's NCCL work never completes: abort it
+    model_runner.exit(abort=bool(workers and workers.died))
 
 
 @contextlib.contextmanager

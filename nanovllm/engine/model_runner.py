@@ -159,10 +159,20 @@ class ModelRunner:
             dist.broadcast(self.prev_sampled, src=0)
         return PendingOutput(inputs.sampling_seq_ids, out, inputs.sampling)
 
-    def exit(self) -> None:
+    def exit(self, abort: bool = False) -> None:
+        """Free CUDA graphs, then the process group. `abort`: a peer died, so pending
+        NCCL work can never finish; abort the communicators instead of waiting for it."""
         # NOTE: CUDA graphs hold communicator state: free them before the process group
         if self.graphs is not None:
             self.graphs.release()
             self.graphs = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if abort and dist.get_backend() == "nccl":
+            try:
+                from torch.distributed.distributed_c10d import _abort_process_group
+                _abort_process_group()  # also destroys the group
+                return
+            except Exception as e:  # experimental API: never let it hide the original error
+                logger.warning("could not abort the NCCL communicators: %s", e)
+        dist.destroy_process_group()

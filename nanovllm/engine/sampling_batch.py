@@ -1,6 +1,8 @@
 """The sampler's boundary on the engine side: per-step `SamplingTensors` built from the
 sampling sequences, and the sampler's output brought back to the host per sequence."""
 import itertools
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -115,6 +117,9 @@ def build_sampling_tensors(seqs: list[Sequence], eos_token_ids: frozenset[int]) 
     )
 
 
+CHECK_SECONDS = 0.1
+
+
 class PendingOutput:
     """A step's sampler output on its way to the host: the device-to-host copies are
     queued behind the step, and `result()` waits for them, so the host can prepare the
@@ -128,11 +133,22 @@ class PendingOutput:
             self._done = torch.cuda.Event()
             self._done.record()
 
-    def result(self) -> StepOutput:
+    def result(self, check_alive: Callable[[], None] | None = None) -> StepOutput:
+        """Wait for the output. With `check_alive` (tensor parallelism), poll instead of
+        blocking and call it every `CHECK_SECONDS`: a dead worker leaves the step's
+        collectives waiting forever, and it must raise instead."""
         if self._out is None:
             return StepOutput.empty()
         if self._done is not None:
-            self._done.synchronize()
+            if check_alive is None:
+                self._done.synchronize()
+            else:
+                last_check = time.monotonic()
+                while not self._done.query():
+                    if time.monotonic() - last_check > CHECK_SECONDS:
+                        check_alive()
+                        last_check = time.monotonic()
+                    time.sleep(0)  # let other threads run
         return to_step_output(self.seq_ids, self._out, self.params)
 
 

@@ -67,10 +67,12 @@ class WorkerGroup:
         ]
         for p in self.procs:
             p.start()
+        self.died = False   # a worker exited while rank 0 still needed it
 
     def check_alive(self) -> None:
         for rank, p in enumerate(self.procs, start=1):
             if p.exitcode is not None:
+                self.died = True
                 raise WorkerDied(f"tensor-parallel worker rank {rank} died (exit code {p.exitcode}); if it died "
                                  f"at start-up, check that your script creates LLM under `if __name__ == '__main__':`")
 
