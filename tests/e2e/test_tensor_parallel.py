@@ -52,7 +52,8 @@ def test_two_tp_instances_in_a_row(checkpoint):
     prompts = random_prompts([5, 50], VOCAB, seed=8)
     outs = []
     for _ in range(2):
-        llm = LLM(checkpoint("qwen3"), kvcache_block_size=16, max_model_len=256, tensor_parallel_size=2)
+        llm = LLM(checkpoint("qwen3"), kvcache_block_size=16, max_model_len=256, tensor_parallel_size=2,
+                  num_kvcache_blocks=64)
         outs.append(generate(llm, prompts))
         procs = llm.workers.procs
         llm.exit()
@@ -63,7 +64,8 @@ def test_two_tp_instances_in_a_row(checkpoint):
 
 @needs_two_ranks
 def test_dead_worker_raises_instead_of_hanging(checkpoint):
-    llm = LLM(checkpoint("qwen3"), kvcache_block_size=16, max_model_len=512, tensor_parallel_size=2)
+    llm = LLM(checkpoint("qwen3"), kvcache_block_size=16, max_model_len=512, tensor_parallel_size=2,
+              num_kvcache_blocks=128)
     try:
         long_run = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
         threading.Timer(0.5, llm.workers.procs[0].kill).start()
