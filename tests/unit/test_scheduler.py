@@ -375,3 +375,60 @@ def test_random_request_mixes(scenario):
             assert len(completion) == seq.sampling_params.max_tokens or len(seq) >= config["max_model_len"]
         if not seq.sampling_params.ignore_eos:
             assert EOS not in completion[:-1]
+
+
+# ---- overlap: a step launched before the previous step's output is processed -----------------
+
+def test_overlap_pending_tokens_preemption_and_late_finishes():
+    """Step 2 is scheduled while step 1's ids are pending. B, preempted with its id still
+    pending, is finished from the waiting queue when that id turns out to be EOS; A's
+    EOS arrives while its next step is in flight, whose token is then dropped; the
+    length limit is known ahead, so no step runs past it."""
+    sched = make_scheduler(num_blocks=2, block_size=16)
+    a, b = request(16, max_tokens=3), request(16, max_tokens=3)
+    sched.add(a)
+    sched.add(b)
+    step1 = sched.schedule()
+    assert shape(step1) == [(a, 16), (b, 16)]
+    assert sched.on_launch(step1) == [a, b]
+    assert (len(a), len(a.token_ids), a.num_pending_tokens) == (17, 16, 1)
+
+    # step 2: A's decode needs a second block; the newest (B) is preempted, its id pending
+    step2 = sched.schedule()
+    assert shape(step2) == [(a, 1)] and b in sched.waiting and b.num_pending_tokens == 1
+    sched.on_launch(step2)
+    assert a.num_pending_tokens == 2
+    sched.block_manager.check_integrity(sched.running)
+
+    finished, kept = sched.on_output(step1, {a.seq_id: TOKEN, b.seq_id: EOS})
+    assert finished == [b] and b.finish_reason == "stop" and b.completion_token_ids == [EOS]
+    assert b not in sched.waiting and b.num_pending_tokens == 0 and kept == {a.seq_id: TOKEN, b.seq_id: EOS}
+    finished, kept = sched.on_output(step2, {a.seq_id: EOS})
+    assert finished == [a] and a.completion_token_ids == [TOKEN, EOS] and a.num_pending_tokens == 0
+    assert sched.is_finished() and sched.block_manager.num_free_blocks == 2
+
+
+def test_overlap_drops_the_token_of_a_step_launched_after_a_stop():
+    sched = make_scheduler()
+    a = request(5, max_tokens=10)
+    sched.add(a)
+    step1 = sched.schedule()
+    sched.on_launch(step1)
+    step2 = sched.schedule()
+    sched.on_launch(step2)
+    assert sched.on_output(step1, {a.seq_id: EOS})[0] == [a]
+    assert sched.on_output(step2, {a.seq_id: TOKEN}) == ([], {})  # launched before the stop was known
+    assert a.completion_token_ids == [EOS] and sched.block_manager.num_free_blocks == 64
+
+
+def test_overlap_never_schedules_past_max_tokens():
+    sched = make_scheduler()
+    a = request(5, max_tokens=2)
+    sched.add(a)
+    step1 = sched.schedule()
+    sched.on_launch(step1)
+    step2 = sched.schedule()       # the decode that samples token 2
+    sched.on_launch(step2)
+    assert sched.schedule().seqs == []   # token 2 is the last: nothing more to launch
+    sched.on_output(step1, {a.seq_id: TOKEN})
+    assert sched.on_output(step2, {a.seq_id: TOKEN})[0] == [a] and a.finish_reason == "length"
