@@ -107,7 +107,7 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, max_err: float = 2e-2
 
 # ----------------------------------------------------------------------------- decode
 def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
-    from nanovllm.kernels.paged_attention import paged_decode_attention
+    from nanovllm.kernels.paged_decode import paged_decode_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
 
     kv = PagedKV(batch, args.context, args)
@@ -137,7 +137,7 @@ def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
 
 # ----------------------------------------------------------------------------- prefill
 def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
-    from nanovllm.kernels.paged_attention import paged_prefill_attention
+    from nanovllm.kernels.paged_prefill import paged_prefill_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
 
     length = args.prompt_len
@@ -163,23 +163,24 @@ def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
 # ----------------------------------------------------------------------------- tuning
 def tune_rows(args: argparse.Namespace) -> list[tuple]:
     """Time other tile configs by swapping the kernels' config functions (GPU only)."""
-    from nanovllm.kernels import paged_attention as pa
+    from nanovllm.kernels import paged_decode, paged_prefill
+    from nanovllm.kernels.attention_common import KernelConfig
 
     rows = []
-    decode_cfgs = [pa._Config(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3))]
-    prefill_cfgs = [pa._Config(m, n, w, s) for m, n, w, s in
+    decode_cfgs = [KernelConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3))]
+    prefill_cfgs = [KernelConfig(m, n, w, s) for m, n, w, s in
                     [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2),
                      (128, 128, 8, 3), (64, 128, 4, 2)]]
-    original = pa._decode_config, pa._prefill_config
+    original = paged_decode._decode_config, paged_prefill._prefill_config
     try:
         for cfg in decode_cfgs:
-            pa._decode_config = lambda q, cfg=cfg: cfg
+            paged_decode._decode_config = lambda q, cfg=cfg: cfg
             rows += _tuned(cfg, [lambda b=b: decode_rows(b, args, None) for b in args.batches])
         for cfg in prefill_cfgs:
-            pa._prefill_config = lambda q, cfg=cfg: cfg
+            paged_prefill._prefill_config = lambda q, cfg=cfg: cfg
             rows += _tuned(cfg, [lambda b=b: prefill_rows(b, args, None) for b in args.prefill_batches])
     finally:
-        pa._decode_config, pa._prefill_config = original
+        paged_decode._decode_config, paged_prefill._prefill_config = original
     return rows
 
 

@@ -8,7 +8,8 @@ the decode split count depends only on the batch shape and max_model_len.
 import torch
 
 from nanovllm.kernels.kv_store import store_kv
-from nanovllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from nanovllm.kernels.paged_decode import paged_decode_attention
+from nanovllm.kernels.paged_prefill import paged_prefill_attention
 from nanovllm.utils.context import AttentionMetadata
 
 
