@@ -49,8 +49,13 @@ def tile_dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def online_softmax(qk, v, acc, m_i, l_i, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold one key tile into the running (acc, max, sum); qk [M, N] is log2-scaled, -inf masked."""
+def online_softmax(qk, v, v_scale, acc, m_i, l_i, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                   FP8: tl.constexpr):
+    """Fold one key tile into the running (acc, max, sum); qk [M, N] is log2-scaled, -inf masked.
+
+    FP8: v holds the tile's e4m3 values (already widened) and v_scale [N] their per-key
+    scales, folded into the weights p rather than into v (M x N multiplies, not N x D).
+    """
     m_new = tl.maximum(m_i, tl.max(qk, 1))  # [M]
     # NOTE: a row with every key masked so far keeps m = -inf; exponentiate against 0
     # instead so it contributes exact zeros rather than NaN (inf - inf).
@@ -58,8 +63,21 @@ def online_softmax(qk, v, acc, m_i, l_i, DOT_PRECISION: tl.constexpr, UPCAST: tl
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(qk - m_use[:, None])  # [M, N]
     l_i = l_i * alpha + tl.sum(p, 1)
+    if FP8:
+        p = p * v_scale[None, :]
     acc = acc * alpha[:, None] + tile_dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST)
     return acc, m_new, l_i
+
+
+@triton.jit
+def load_scales(ks_base, vs_base, bt_ptr, start_n, offs_n, key_mask, stride_sb, stride_ss,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """An fp8 tile's [BLOCK_N] K and V scales; masked keys get 0."""
+    # NOTE: K's and V's scales share strides, so one row lookup serves both
+    rows = paged_rows(bt_ptr, start_n, offs_n, key_mask, stride_sb, stride_ss, BLOCK_SIZE, BLOCK_N)
+    k_scale = tl.load(ks_base + rows, mask=key_mask, other=0.0)
+    v_scale = tl.load(vs_base + rows, mask=key_mask, other=0.0)
+    return k_scale, v_scale
 
 
 class KernelConfig(NamedTuple):

@@ -9,6 +9,11 @@ splits' outputs by their log-sum-exp.
   k/v_cache:    [num_blocks, block_size, num_kv_heads, head_dim]
   block_tables: [num_seqs, max_blocks_per_seq] int32, padded with -1
   context_lens: [num_seqs] int32, keys per sequence (0 = CUDA-graph padding row)
+  k/v_scale:    [num_blocks, block_size, num_kv_heads] float32, fp8 (e4m3) caches only
+
+An fp8 cache is read as is (half the bytes of bf16) and dequantized in registers: e4m3
+values widen exactly to q's dtype, K's per-key scales multiply the scores and V's the
+softmax weights.
 
 GQA: each program handles all `group = num_heads // num_kv_heads` query heads of one
 kv head, so every K/V tile is read once per kv head, not once per query head.
@@ -19,8 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.attention_common import (LOG2E, KernelConfig, dot_precision, head_dim_mask,
+from nanovllm.kernels.attention_common import (LOG2E, KernelConfig, dot_precision, head_dim_mask, load_scales,
                                                online_softmax, paged_rows, rows_contiguous, tile_dot)
+from nanovllm.kernels.fp8 import is_fp8, scale_strides
 
 # Decode splits: split a sequence's keys only while num_seqs * num_kv_heads programs are
 # fewer than DECODE_PROGRAMS_PER_SM per SM, give each split at least MIN_KEYS_PER_SPLIT keys,
@@ -35,13 +41,13 @@ MAX_SPLITS = 32
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    context_lens_ptr, block_tables_ptr, qk_scale, num_splits,
+    context_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
     stride_qs, stride_qh, stride_os, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_sb, stride_ss,
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, FP8: tl.constexpr,
 ):
     # grid (seq, kv head, split): one split of one sequence's keys, for all GROUP query heads
     seq = tl.program_id(0)
@@ -70,6 +76,12 @@ def _decode_split_kernel(
     bt_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    if FP8:  # scales: [num_blocks, block_size, num_kv_heads], heads contiguous
+        ks_base = k_scale_ptr + kv_head
+        vs_base = v_scale_ptr + kv_head
+    else:
+        ks_base = k_scale_ptr
+        vs_base = v_scale_ptr
     for start_n in range(start, end, BLOCK_N):
         key_mask = start_n + offs_n < end  # [BLOCK_N]
         k_rows = paged_rows(bt_ptr, start_n, offs_n, key_mask, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
@@ -77,9 +89,17 @@ def _decode_split_kernel(
         kv_mask = key_mask[:, None] & d_mask[None, :]
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tile_dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST) * qk_scale  # [BLOCK_G, BLOCK_N]
+        qk = tile_dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST)  # [BLOCK_G, BLOCK_N]
+        if FP8:  # e4m3 widens to q's dtype exactly; the scales multiply scores and weights
+            k_scale, v_scale = load_scales(ks_base, vs_base, bt_ptr, start_n, offs_n, key_mask, stride_sb,
+                                           stride_ss, BLOCK_SIZE, BLOCK_N)
+            qk = qk * (k_scale * qk_scale)[None, :]
+            v = v.to(q.dtype)
+        else:
+            v_scale = None
+            qk = qk * qk_scale
         qk = tl.where(key_mask[None, :], qk, float("-inf"))
-        acc, m_i, l_i = online_softmax(qk, v, acc, m_i, l_i, DOT_PRECISION, UPCAST)
+        acc, m_i, l_i = online_softmax(qk, v, v_scale, acc, m_i, l_i, DOT_PRECISION, UPCAST, FP8)
 
     has_keys = l_i > 0.0  # NOTE: empty splits and ctx-0 padding rows: zeros, lse -inf, no NaN
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -150,18 +170,21 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                           num_splits: int | None = None, max_context_len: int | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, max_context_len: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence (its last position) over its paged keys; ctx-0 rows get zeros.
 
     num_splits: key splits per sequence; by default chosen by `choose_num_splits` from the
     batch shape and max_context_len (default: block_tables.shape[1] * block_size), all
-    Python ints that stay fixed across CUDA-graph replays.
+    Python ints that stay fixed across CUDA-graph replays. An fp8 cache needs k_scale/v_scale
+    (see `nanovllm.kernels.fp8`).
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert context_lens.shape[0] == num_seqs, "decode takes exactly one query row per sequence"
+    stride_sb, stride_ss = scale_strides(k_cache, k_scale, v_scale)
     q = rows_contiguous(q)
     out = torch.empty_like(q)
     if num_seqs == 0:
@@ -178,15 +201,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables,
+        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, k_scale, v_scale,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_sb, stride_ss,
         part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct, FP8=is_fp8(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:

@@ -9,6 +9,10 @@ float32 with the online softmax, returned in q's dtype.
   cu_seqlens_q: [num_seqs + 1] int32, prefix sums of the query lengths
   block_tables: [num_seqs, max_blocks_per_seq] int32, padded with -1
   context_lens: [num_seqs] int32, keys per sequence (0 = CUDA-graph padding row)
+  k/v_scale:    [num_blocks, block_size, num_kv_heads] float32, fp8 (e4m3) caches only
+
+An fp8 cache is read as is and dequantized in registers: e4m3 values widen exactly to
+q's dtype, K's per-key scales multiply the scores and V's the softmax weights.
 
 GQA: each program handles all `group = num_heads // num_kv_heads` query heads of one
 kv head, so every K/V tile is read once per kv head, not once per query head.
@@ -17,15 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.attention_common import (LOG2E, KernelConfig, dot_precision, head_dim_mask,
+from nanovllm.kernels.attention_common import (LOG2E, KernelConfig, dot_precision, head_dim_mask, load_scales,
                                                online_softmax, paged_rows, rows_contiguous, tile_dot)
+from nanovllm.kernels.fp8 import is_fp8, scale_strides
 
 
 @triton.jit
-def _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_ptr, start_n, kv_end, pos_m,
-                  offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
-                  CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _prefill_tile(acc, m_i, l_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, start_n, kv_end, pos_m,
+                  offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs, stride_sb, stride_ss,
+                  qk_scale, CAUSAL: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr):
     k_pos = start_n + offs_n  # [BLOCK_N]
     key_mask = k_pos < kv_end
     k_rows = paged_rows(bt_ptr, start_n, offs_n, key_mask, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
@@ -36,20 +41,29 @@ def _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_ptr, start_n, kv_end, pos
         kv_mask = d_mask[None, :]
     k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tile_dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST) * qk_scale  # [BLOCK_M, BLOCK_N]
+    qk = tile_dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST)  # [BLOCK_M, BLOCK_N]
+    if FP8:  # e4m3 widens to q's dtype exactly; the scales multiply scores and weights
+        k_scale, v_scale = load_scales(ks_base, vs_base, bt_ptr, start_n, offs_n, key_mask, stride_sb, stride_ss,
+                                       BLOCK_SIZE, BLOCK_N)
+        qk = qk * (k_scale * qk_scale)[None, :]
+        v = v.to(q.dtype)
+    else:
+        v_scale = None
+        qk = qk * qk_scale
     if CAUSAL:
         qk = tl.where(k_pos[None, :] <= pos_m[:, None], qk, float("-inf"))
-    return online_softmax(qk, v, acc, m_i, l_i, DOT_PRECISION, UPCAST)
+    return online_softmax(qk, v, v_scale, acc, m_i, l_i, DOT_PRECISION, UPCAST, FP8)
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale,
+    k_scale_ptr, v_scale_ptr, qk_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_sb, stride_ss,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     # grid (query block, seq, kv head); rows are BLOCK_Q queries x GROUP heads, head fastest
     BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
@@ -85,14 +99,22 @@ def _prefill_kernel(
     bt_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
+    if FP8:  # scales: [num_blocks, block_size, num_kv_heads], heads contiguous
+        ks_base = k_scale_ptr + kv_head
+        vs_base = v_scale_ptr + kv_head
+    else:
+        ks_base = k_scale_ptr
+        vs_base = v_scale_ptr
     for start_n in range(0, full_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_ptr, start_n, kv_end, pos_m,
-                                      offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs,
-                                      qk_scale, False, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST)
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, start_n,
+                                      kv_end, pos_m, offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb,
+                                      stride_vs, stride_sb, stride_ss, qk_scale, False, BLOCK_SIZE, BLOCK_N,
+                                      DOT_PRECISION, UPCAST, FP8)
     for start_n in range(full_end, kv_end, BLOCK_N):
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, bt_ptr, start_n, kv_end, pos_m,
-                                      offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb, stride_vs,
-                                      qk_scale, True, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, UPCAST)
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k_base, v_base, ks_base, vs_base, bt_ptr, start_n,
+                                      kv_end, pos_m, offs_n, offs_d, d_mask, stride_kb, stride_ks, stride_vb,
+                                      stride_vs, stride_sb, stride_ss, qk_scale, True, BLOCK_SIZE, BLOCK_N,
+                                      DOT_PRECISION, UPCAST, FP8)
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # NOTE: rows without keys (ctx 0) output zeros, not NaN
     out = acc / l_i[:, None]
@@ -110,17 +132,20 @@ def _prefill_config(q: torch.Tensor) -> KernelConfig:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                            block_tables: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
+                            block_tables: torch.Tensor, max_seqlen_q: int, scale: float,
+                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen causal attention of each sequence's new queries over its paged keys.
 
     Sequence b owns query rows cu_seqlens_q[b]:cu_seqlens_q[b+1], the last q_len of its
     context_lens[b] keys. Rows outside every sequence, and sequences with no keys, get zeros.
+    An fp8 cache needs k_scale/v_scale (see `nanovllm.kernels.fp8`).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = context_lens.shape[0]
     group = num_heads // num_kv_heads
     assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    stride_sb, stride_ss = scale_strides(k_cache, k_scale, v_scale)
     q = rows_contiguous(q)
     out = torch.zeros_like(q)  # matches the reference for rows no sequence owns
     if num_tokens == 0 or num_seqs == 0 or max_seqlen_q == 0:
@@ -129,14 +154,14 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     block_m = max(cfg.block_m, triton.next_power_of_2(group))
     grid = (triton.cdiv(max_seqlen_q, block_m // group), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        q, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables, k_scale, v_scale,
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_sb, stride_ss,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, FP8=is_fp8(k_cache.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
