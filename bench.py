@@ -287,6 +287,8 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (nanovllm)")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nanovllm)")
     p.add_argument("--attention-backend", default="auto", help="auto|torch|triton|flash (nanovllm)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache element type: the model's, or fp8 e4m3 with per-token scales (nanovllm)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, help="default: the engine's")
     p.add_argument("--device", help="cuda|cpu (default: cuda if available)")
@@ -300,13 +302,16 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.backend == "hf" and args.tp != 1:
         p.error("--tp is for the nanovllm backend only")
+    if args.backend == "hf" and args.kv_cache_dtype != "auto":
+        p.error("--kv-cache-dtype is for the nanovllm backend only")
     return args
 
 
 def engine_config(args) -> dict:
     """Exactly the keywords LLM() gets: the reference's (enforce_eager=False, max_model_len=4096) + flags."""
     config = {"enforce_eager": args.enforce_eager, "max_model_len": args.max_model_len,
-              "tensor_parallel_size": args.tp, "attention_backend": args.attention_backend}
+              "tensor_parallel_size": args.tp, "attention_backend": args.attention_backend,
+              "kv_cache_dtype": args.kv_cache_dtype}
     if args.gpu_memory_utilization is not None:
         config["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.device is not None:

@@ -8,6 +8,8 @@ timed with triton.testing.do_bench (median; it flushes L2 between runs).
   decode:  one query per sequence over `--context` cached keys, batch 1 / 64 / 256;
            GB/s = bytes of K and V read / time
   prefill: `--prompt-len`-token fresh prompts, causal, KV read from the paged cache
+  "fp8 KV" rows read the same K/V quantized to e4m3 with per-token scales (kv_cache_dtype
+  "fp8"; their bytes include the scales), checked against the reference on that cache.
 
 Usage (GPU machine): python benchmarks/attention_kernels.py [--sweep-splits] [--tune]
 """
@@ -63,6 +65,16 @@ class PagedKV:
         self.block_tables = perm.view(num_seqs, blocks_per_seq)  # [num_seqs, blocks_per_seq]
         self.context_lens = torch.full((num_seqs,), k_len, dtype=torch.int32, device="cuda")
         self.kv_bytes = 2 * num_seqs * k_len * args.num_kv_heads * args.head_dim * 2  # K and V, bf16
+
+    def fp8(self) -> tuple[dict, int]:
+        """The caches quantized to e4m3 (keyword arguments of the kernels and the reference),
+        and the bytes a pass over them reads: one per element plus a float32 scale per row."""
+        from nanovllm.kernels.fp8 import quantize_fp8
+        k_cache, k_scale = quantize_fp8(self.k_cache)
+        v_cache, v_scale = quantize_fp8(self.v_cache)
+        head_dim = self.k_cache.shape[-1]
+        nbytes = self.kv_bytes // 2 // head_dim * (head_dim + 4)
+        return dict(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale), nbytes
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -125,6 +137,14 @@ def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
                                             kv.block_tables, scale, num_splits=splits)
         err = check(name, fn(), ref)
         rows.append(("decode", batch, name, bench_ms(fn, args.rep_ms, graph=True), err, kv.kv_bytes))
+    fp8, fp8_bytes = kv.fp8()
+    ref8 = paged_attention_ref(q, fp8["k_cache"], fp8["v_cache"], cu_q, kv.context_lens, kv.block_tables, scale,
+                               fp8["k_scale"], fp8["v_scale"])
+    fn = lambda: paged_decode_attention(q, fp8["k_cache"], fp8["v_cache"], kv.context_lens,  # noqa: E731
+                                        kv.block_tables, scale, k_scale=fp8["k_scale"], v_scale=fp8["v_scale"])
+    err = check("triton fp8 KV decode", fn(), ref8)
+    rows.append(("decode", batch, "triton fp8 KV (auto splits)", bench_ms(fn, args.rep_ms, graph=True), err,
+                 fp8_bytes))
     if flash is not None:
         fn = lambda: flash.flash_attn_with_kvcache(  # noqa: E731
             q.unsqueeze(1), kv.k_cache, kv.v_cache, cache_seqlens=kv.context_lens,
@@ -151,6 +171,13 @@ def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
     fn = lambda: paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, kv.context_lens,  # noqa: E731
                                          kv.block_tables, length, scale)
     rows = [("prefill", batch, "triton", bench_ms(fn, args.rep_ms), check("triton prefill", fn(), ref), flops)]
+    fp8, _ = kv.fp8()
+    ref8 = paged_attention_ref(q, fp8["k_cache"], fp8["v_cache"], cu, kv.context_lens, kv.block_tables, scale,
+                               fp8["k_scale"], fp8["v_scale"])
+    fn = lambda: paged_prefill_attention(q, fp8["k_cache"], fp8["v_cache"], cu, kv.context_lens,  # noqa: E731
+                                         kv.block_tables, length, scale, fp8["k_scale"], fp8["v_scale"])
+    rows.append(("prefill", batch, "triton fp8 KV", bench_ms(fn, args.rep_ms), check("triton fp8 prefill", fn(), ref8),
+                 flops))
     if flash is not None:
         fn = lambda: flash.flash_attn_varlen_func(  # noqa: E731
             q, kv.k_cache, kv.v_cache, cu, cu, length, length, softmax_scale=scale, causal=True,
@@ -188,7 +215,7 @@ def _tuned(cfg, runs) -> list[tuple]:
     """Rows of one config, renamed after it; a config that can't compile is reported and skipped."""
     from triton.runtime.errors import OutOfResources
     try:
-        return [r[:2] + (f"triton {tuple(cfg)}",) + r[3:] for run in runs for r in run()]
+        return [r[:2] + (f"{r[2]} {tuple(cfg)}",) + r[3:] for run in runs for r in run()]
     except OutOfResources as e:
         print(f"config {tuple(cfg)} skipped: {e}")
         return []
