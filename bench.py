@@ -289,6 +289,8 @@ def parse_args(argv=None):
     p.add_argument("--no-overlap", action="store_true", help="enable_overlap=False: no overlap scheduling (nanovllm)")
     p.add_argument("--max-num-batched-tokens", type=int, help="the step's token budget (nanovllm; default: the engine's)")
     p.add_argument("--attention-backend", default="auto", help="auto|torch|triton|flash (nanovllm)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="KV cache element type: the model's, or fp8 e4m3 with per-token scales (nanovllm)")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, help="default: the engine's")
     p.add_argument("--device", help="cuda|cpu (default: cuda if available)")
@@ -302,6 +304,8 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.backend == "hf" and args.tp != 1:
         p.error("--tp is for the nanovllm backend only")
+    if args.backend == "hf" and args.kv_cache_dtype != "auto":
+        p.error("--kv-cache-dtype is for the nanovllm backend only")
     return args
 
 
@@ -313,6 +317,8 @@ def engine_config(args) -> dict:
         config["enable_overlap"] = False
     if args.max_num_batched_tokens is not None:
         config["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_dtype != "auto":
+        config["kv_cache_dtype"] = args.kv_cache_dtype
     if args.gpu_memory_utilization is not None:
         config["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.device is not None:

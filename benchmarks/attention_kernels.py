@@ -8,6 +8,8 @@ timed with triton.testing.do_bench (median; it flushes L2 between runs).
   decode:  one query per sequence over `--context` cached keys, batch 1 / 64 / 256;
            GB/s = bytes of K and V read / time
   prefill: `--prompt-len`-token fresh prompts, causal, KV read from the paged cache
+  "fp8 KV" rows read the same K/V quantized to e4m3 with per-token scales (kv_cache_dtype
+  "fp8"; their bytes include the scales), checked against the reference on that cache.
 
 Usage (GPU machine): python benchmarks/attention_kernels.py [--sweep-splits] [--tune]
 """
@@ -64,6 +66,16 @@ class PagedKV:
         self.context_lens = torch.full((num_seqs,), k_len, dtype=torch.int32, device="cuda")
         self.kv_bytes = 2 * num_seqs * k_len * args.num_kv_heads * args.head_dim * 2  # K and V, bf16
 
+    def fp8(self) -> tuple[dict, int]:
+        """The caches quantized to e4m3 (keyword arguments of the kernels and the reference),
+        and the bytes a pass over them reads: one per element plus a float32 scale per row."""
+        from nanovllm.kernels.fp8 import quantize_fp8
+        k_cache, k_scale = quantize_fp8(self.k_cache)
+        v_cache, v_scale = quantize_fp8(self.v_cache)
+        head_dim = self.k_cache.shape[-1]
+        nbytes = self.kv_bytes // 2 // head_dim * (head_dim + 4)
+        return dict(k_cache=k_cache, v_cache=v_cache, k_scale=k_scale, v_scale=v_scale), nbytes
+
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -107,7 +119,7 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, max_err: float = 2e-2
 
 # ----------------------------------------------------------------------------- decode
 def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
-    from nanovllm.kernels.paged_attention import paged_decode_attention
+    from nanovllm.kernels.paged_decode import paged_decode_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
 
     kv = PagedKV(batch, args.context, args)
@@ -125,6 +137,14 @@ def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
                                             kv.block_tables, scale, num_splits=splits)
         err = check(name, fn(), ref)
         rows.append(("decode", batch, name, bench_ms(fn, args.rep_ms, graph=True), err, kv.kv_bytes))
+    fp8, fp8_bytes = kv.fp8()
+    ref8 = paged_attention_ref(q, fp8["k_cache"], fp8["v_cache"], cu_q, kv.context_lens, kv.block_tables, scale,
+                               fp8["k_scale"], fp8["v_scale"])
+    fn = lambda: paged_decode_attention(q, fp8["k_cache"], fp8["v_cache"], kv.context_lens,  # noqa: E731
+                                        kv.block_tables, scale, k_scale=fp8["k_scale"], v_scale=fp8["v_scale"])
+    err = check("triton fp8 KV decode", fn(), ref8)
+    rows.append(("decode", batch, "triton fp8 KV (auto splits)", bench_ms(fn, args.rep_ms, graph=True), err,
+                 fp8_bytes))
     if flash is not None:
         fn = lambda: flash.flash_attn_with_kvcache(  # noqa: E731
             q.unsqueeze(1), kv.k_cache, kv.v_cache, cache_seqlens=kv.context_lens,
@@ -137,7 +157,7 @@ def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
 
 # ----------------------------------------------------------------------------- prefill
 def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
-    from nanovllm.kernels.paged_attention import paged_prefill_attention
+    from nanovllm.kernels.paged_prefill import paged_prefill_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
 
     length = args.prompt_len
@@ -151,6 +171,13 @@ def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
     fn = lambda: paged_prefill_attention(q, kv.k_cache, kv.v_cache, cu, kv.context_lens,  # noqa: E731
                                          kv.block_tables, length, scale)
     rows = [("prefill", batch, "triton", bench_ms(fn, args.rep_ms), check("triton prefill", fn(), ref), flops)]
+    fp8, _ = kv.fp8()
+    ref8 = paged_attention_ref(q, fp8["k_cache"], fp8["v_cache"], cu, kv.context_lens, kv.block_tables, scale,
+                               fp8["k_scale"], fp8["v_scale"])
+    fn = lambda: paged_prefill_attention(q, fp8["k_cache"], fp8["v_cache"], cu, kv.context_lens,  # noqa: E731
+                                         kv.block_tables, length, scale, fp8["k_scale"], fp8["v_scale"])
+    rows.append(("prefill", batch, "triton fp8 KV", bench_ms(fn, args.rep_ms), check("triton fp8 prefill", fn(), ref8),
+                 flops))
     if flash is not None:
         fn = lambda: flash.flash_attn_varlen_func(  # noqa: E731
             q, kv.k_cache, kv.v_cache, cu, cu, length, length, softmax_scale=scale, causal=True,
@@ -163,23 +190,24 @@ def prefill_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
 # ----------------------------------------------------------------------------- tuning
 def tune_rows(args: argparse.Namespace) -> list[tuple]:
     """Time other tile configs by swapping the kernels' config functions (GPU only)."""
-    from nanovllm.kernels import paged_attention as pa
+    from nanovllm.kernels import paged_decode, paged_prefill
+    from nanovllm.kernels.attention_common import KernelConfig
 
     rows = []
-    decode_cfgs = [pa._Config(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3))]
-    prefill_cfgs = [pa._Config(m, n, w, s) for m, n, w, s in
+    decode_cfgs = [KernelConfig(0, n, w, s) for n, w, s in itertools.product((32, 64, 128), (2, 4), (2, 3))]
+    prefill_cfgs = [KernelConfig(m, n, w, s) for m, n, w, s in
                     [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2),
                      (128, 128, 8, 3), (64, 128, 4, 2)]]
-    original = pa._decode_config, pa._prefill_config
+    original = paged_decode._decode_config, paged_prefill._prefill_config
     try:
         for cfg in decode_cfgs:
-            pa._decode_config = lambda q, cfg=cfg: cfg
+            paged_decode._decode_config = lambda q, cfg=cfg: cfg
             rows += _tuned(cfg, [lambda b=b: decode_rows(b, args, None) for b in args.batches])
         for cfg in prefill_cfgs:
-            pa._prefill_config = lambda q, cfg=cfg: cfg
+            paged_prefill._prefill_config = lambda q, cfg=cfg: cfg
             rows += _tuned(cfg, [lambda b=b: prefill_rows(b, args, None) for b in args.prefill_batches])
     finally:
-        pa._decode_config, pa._prefill_config = original
+        paged_decode._decode_config, paged_prefill._prefill_config = original
     return rows
 
 
@@ -187,7 +215,7 @@ def _tuned(cfg, runs) -> list[tuple]:
     """Rows of one config, renamed after it; a config that can't compile is reported and skipped."""
     from triton.runtime.errors import OutOfResources
     try:
-        return [r[:2] + (f"triton {tuple(cfg)}",) + r[3:] for run in runs for r in run()]
+        return [r[:2] + (f"{r[2]} {tuple(cfg)}",) + r[3:] for run in runs for r in run()]
     except OutOfResources as e:
         print(f"config {tuple(cfg)} skipped: {e}")
         return []

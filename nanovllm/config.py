@@ -7,6 +7,7 @@ import torch
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 with per-token scales
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -39,6 +40,7 @@ class Config:
     device: str | None = None             # None: cuda when available, else cpu
     dtype: str = "auto"                   # auto: the checkpoint's (float32 on CPU when it is half)
     attention_backend: str = "auto"       # auto: flash if importable on CUDA, else triton; torch on CPU
+    kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8: e4m3, half the bytes (triton/torch)
     seed: int = 0                         # seeds the shared sampling generator
 
     def __post_init__(self):
@@ -62,6 +64,11 @@ class Config:
                f"'auto' or one of {list(DTYPES)}")
         _check(self.attention_backend in ATTENTION_BACKENDS, "attention_backend", self.attention_backend,
                f"one of {list(ATTENTION_BACKENDS)}")
+        _check(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", self.kv_cache_dtype,
+               f"one of {list(KV_CACHE_DTYPES)}")
+        if self.attention_backend == "flash" and self.kv_cache_dtype == "fp8":
+            raise ValueError("attention_backend 'flash' cannot read an fp8 KV cache (kv_cache_dtype 'fp8'); "
+                             "use attention_backend 'triton' or 'auto'")
         # torch.Generator.manual_seed takes [-2**63, 2**64)
         _check(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed, "an integer in [-2**63, 2**64)")
         if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():

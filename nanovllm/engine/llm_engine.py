@@ -95,7 +95,8 @@ class LLMEngine:
         blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
         return {"num_kvcache_blocks": blocks, "kvcache_block_size": bs, "kv_cache_tokens": blocks * bs,
                 "attention_backend": self.model_runner.backend_name, "device": str(self.device),
-                "dtype": str(self.model_runner.dtype).replace("torch.", ""), "max_model_len": self.max_model_len}
+                "dtype": str(self.model_runner.dtype).replace("torch.", ""), "max_model_len": self.max_model_len,
+                "kv_cache_dtype": str(self.model_runner.kv_pool.cache.dtype).replace("torch.", "")}
 
     # ---- intake ------------------------------------------------------------------------
     def _token_ids(self, i: int, prompt) -> list[int]:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import StepInputs
-from nanovllm.engine.kv_cache import KVCachePool, block_bytes
+from nanovllm.engine.kv_cache import KVCachePool, block_bytes, kv_cache_dtype
 from nanovllm.engine.sampling_batch import PendingOutput
 from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.sampler import Sampler
@@ -27,7 +27,8 @@ class ModelRunner:
         self._init_distributed(init_method)
         self.block_size = config.kvcache_block_size
         self.dtype = model_config.resolve_dtype(config.dtype, device)
-        self.backend_name = resolve_backend(config.attention_backend, device, self.block_size, self.dtype)
+        self.backend_name = resolve_backend(config.attention_backend, device, self.block_size, self.dtype,
+                                            config.kv_cache_dtype)
         self.model = self._load_model()
         self.backend = make_backend(self.backend_name, self.block_size, max_model_len)
         for layer in self.model.attention_layers():  # warmup runs before the cache exists
@@ -93,7 +94,8 @@ class ModelRunner:
     def _num_kvcache_blocks(self, activation_peak: int) -> int:
         cfg, m = self.config, self.model_config
         num_kv_heads = max(1, m.num_key_value_heads // tp_size())
-        per_block = block_bytes(m.num_hidden_layers, self.block_size, num_kv_heads, m.head_dim, self.dtype)
+        per_block = block_bytes(m.num_hidden_layers, self.block_size, num_kv_heads, m.head_dim,
+                                kv_cache_dtype(cfg.kv_cache_dtype, self.dtype))
         if cfg.num_kvcache_blocks != -1:
             return cfg.num_kvcache_blocks
         if self.device.type == "cuda":
@@ -115,8 +117,8 @@ class ModelRunner:
     def _allocate_kv_cache(self) -> None:
         m = self.model_config
         num_kv_heads = self.model.attention_layers()[0].num_kv_heads
-        self.kv_pool = KVCachePool(m.num_hidden_layers, self.num_kvcache_blocks, self.block_size,
-                                   num_kv_heads, m.head_dim, self.dtype, self.device)
+        self.kv_pool = KVCachePool(m.num_hidden_layers, self.num_kvcache_blocks, self.block_size, num_kv_heads,
+                                   m.head_dim, kv_cache_dtype(self.config.kv_cache_dtype, self.dtype), self.device)
         self.kv_pool.bind(self.model.attention_layers(), self.backend)
 
     def _capture_graphs(self) -> DecodeGraphs | None:

@@ -175,6 +175,8 @@ CONFIG_FIELDS = {  # name: (usually valid values, small enough to build an engin
     "attention_backend": (st.sampled_from(["auto", "torch"]), st.one_of(st.sampled_from(["triton", "flash", "xla"]),
                                                                         UNHASHABLE)),
     "seed": (st.integers(-2**40, 2**40), st.sampled_from([-2**63 - 1, 2**64, 2**70])),
+    "kv_cache_dtype": (st.sampled_from(["auto", "fp8"]), st.one_of(st.sampled_from(["int4", "float8", "FP8"]),
+                                                                   UNHASHABLE)),
 }
 
 

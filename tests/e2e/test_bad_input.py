@@ -158,7 +158,8 @@ BAD_CONFIG = [
     ("kvcache_block_size", 48), ("kvcache_block_size", 0), ("kvcache_block_size", 16.0),
     ("num_kvcache_blocks", 0), ("num_kvcache_blocks", -2), ("cpu_kvcache_bytes", 0),
     ("enforce_eager", "no"), ("enable_prefix_caching", 1), ("device", "tpu"), ("dtype", "fp8"),
-    ("attention_backend", "xla"), ("seed", 1.5), ("seed", "0"),
+    ("attention_backend", "xla"), ("seed", 1.5), ("seed", "0"), ("kv_cache_dtype", "int4"),
+    ("kv_cache_dtype", "float16"), ("kv_cache_dtype", None),
 ]
 
 

@@ -136,3 +136,67 @@ def test_tp2_agrees_with_oracle(qwen3_06b, prompts, oracle):
     tokens = run(qwen3_06b, prompts, tensor_parallel_size=2)
     score = oracle_agreement(oracle, prompts, tokens)
     assert score >= 0.95, f"TP=2: {score:.1%} of greedy tokens are the oracle's argmax"
+
+
+# ----------------------------------------------------------------------------- fp8 KV cache
+@pytest.fixture(scope="module")
+def fp8_oracle(qwen3_06b):
+    """HF in float32 whose attention sees K/V rounded like our fp8 cache (per token and KV head)."""
+    from transformers import AutoModelForCausalLM
+
+    import tests.models.test_fp8_kv_cache  # noqa: F401  registers the "fp8_kv_sdpa" attention
+    return AutoModelForCausalLM.from_pretrained(qwen3_06b, dtype=torch.float32,
+                                                attn_implementation="fp8_kv_sdpa").cuda().eval()
+
+
+FP8_CONFIGS = {
+    "graphs": dict(num_kvcache_blocks=128),
+    "eager": dict(num_kvcache_blocks=128, enforce_eager=True),
+    "block16-chunked": dict(kvcache_block_size=16, max_num_batched_tokens=300),
+}
+
+
+def run_fp8(path: str, prompts, **config) -> list[list[int]]:
+    llm = LLM(path, max_model_len=2048, kv_cache_dtype="fp8", **config)
+    try:
+        assert llm.engine_info()["attention_backend"] == "triton"
+        tokens = [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        return tokens
+    finally:
+        llm.exit()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("name", list(FP8_CONFIGS))
+def test_fp8_kv_cache_agrees_with_fp8_oracle(qwen3_06b, prompts, fp8_oracle, name):
+    """kv_cache_dtype="fp8" resolves to our triton kernels; against an oracle with the same K/V
+    rounding only bf16 noise remains, so the bf16 tests' bar applies."""
+    tokens = run_fp8(qwen3_06b, prompts, **FP8_CONFIGS[name])
+    score = oracle_agreement(fp8_oracle, prompts, tokens)
+    assert score >= 0.95, f"fp8 {name}: {score:.1%} of greedy tokens are the fp8 oracle's argmax"
+
+
+def test_fp8_kv_cache_agreement_with_float_oracle(qwen3_06b, prompts, oracle):
+    """The accuracy cost of e4m3 K/V on this model. NOTE: not yet measured on a GPU: the floor is
+    the CPU demo model's 96.5% (float32 compute, exact ties) less a margin; the figure is printed."""
+    tokens = run_fp8(qwen3_06b, prompts, num_kvcache_blocks=128)
+    score = oracle_agreement(oracle, prompts, tokens)
+    print(f"fp8 KV cache: {score:.1%} of greedy tokens are the float32 oracle's argmax (tie 0.1 sigma)")
+    assert score >= 0.9, f"fp8: {score:.1%} of greedy tokens are the float32 oracle's argmax"
+
+
+def test_fp8_kv_cache_holds_twice_the_tokens(qwen3_06b):
+    """Same memory budget, ~1.94x the blocks: e4m3 + a float32 scale per 128 elements vs bf16."""
+    blocks = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(qwen3_06b, max_model_len=2048, enforce_eager=True, gpu_memory_utilization=0.5, kv_cache_dtype=kv)
+        blocks[kv] = llm.engine_info()["num_kvcache_blocks"]
+        llm.exit()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    head_dim = 128
+    assert blocks["fp8"] / blocks["auto"] == pytest.approx(2 * head_dim / (head_dim + 4), rel=0.03), blocks

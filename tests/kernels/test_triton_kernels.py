@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from nanovllm.kernels.kv_store import store_kv
-from nanovllm.kernels.paged_attention import (choose_num_splits, paged_decode_attention,
-                                              paged_prefill_attention)
+from nanovllm.kernels.paged_decode import choose_num_splits, paged_decode_attention
+from nanovllm.kernels.paged_prefill import paged_prefill_attention
 from nanovllm.layers.backends.torch_ref import TorchBackend, paged_attention_ref, store_kv_ref
 from nanovllm.layers.backends.triton_backend import TritonBackend
 from nanovllm.utils.context import AttentionMetadata

@@ -1,8 +1,9 @@
 """Attention backends, registered by name and imported lazily, so that `import nanovllm`
 never imports triton or flash_attn.
 
-Every backend has `name`, `store_kv(k, v, k_cache, v_cache, meta)` and
-`forward(q, k, v, k_cache, v_cache, meta, scale) -> out`; `torch` is the reference.
+Every backend has `name`, `store_kv(k, v, k_cache, v_cache, meta, k_scale, v_scale)` and
+`forward(q, k, v, k_cache, v_cache, meta, scale, k_scale, v_scale) -> out`; `torch` is the
+reference. k_scale/v_scale are the fp8 cache's per-token scales, None for other caches.
 """
 import importlib
 import importlib.util
@@ -18,23 +19,31 @@ _BACKENDS = {
     "flash": ("nanovllm.layers.backends.flash", "FlashBackend"),
 }
 FLASH_BLOCK_SIZE = 256  # FlashAttention's paged kernels need block sizes that are multiples of 256
+FP8_CAPABILITY = (8, 9)  # Triton has e4m3 (float8e4nv) from Ada / Hopper on
 
 
 def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype) -> str:
-    """Turn `auto` into a concrete backend and check the choice can run here."""
+def resolve_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype,
+                    kv_cache_dtype: str = "auto") -> str:
+    """Turn `auto` into a concrete backend and check the choice can run here.
+
+    kv_cache_dtype is the Config field: "auto" (the model dtype) or "fp8", which only
+    the `triton` and `torch` backends read."""
     half = dtype in (torch.float16, torch.bfloat16)
+    fp8 = kv_cache_dtype == "fp8"
     if name == "auto":
         if device.type != "cuda":
             name = "torch"
-        elif half and flash_available() and block_size % FLASH_BLOCK_SIZE == 0:
+        elif half and not fp8 and flash_available() and block_size % FLASH_BLOCK_SIZE == 0:
             name = "flash"
         else:
             name = "triton"
         logger.info("attention backend: %s", name)
+    if fp8:
+        _check_fp8_kv_cache(name, device)
     if name != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend {name!r} needs a CUDA device; use 'torch' on {device.type}")
     if name == "flash":
@@ -46,6 +55,19 @@ def resolve_backend(name: str, device: torch.device, block_size: int, dtype: tor
             raise ValueError(f"attention_backend 'flash' needs kvcache_block_size to be a multiple of "
                              f"{FLASH_BLOCK_SIZE}, got {block_size}; use the 'triton' backend for other sizes")
     return name
+
+
+def _check_fp8_kv_cache(name: str, device: torch.device) -> None:
+    """An fp8 cache is read by the torch reference and our triton kernels, not by flash."""
+    if name == "flash":
+        raise ValueError("attention_backend 'flash' cannot read an fp8 KV cache (kv_cache_dtype 'fp8'); "
+                         "use attention_backend 'triton' or 'auto'")
+    if name == "triton" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_CAPABILITY:
+            raise ValueError(f"kv_cache_dtype 'fp8' with attention_backend 'triton' needs a GPU of compute "
+                             f"capability >= {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]} (Triton's e4m3 type), "
+                             f"this one is {capability[0]}.{capability[1]}; use kv_cache_dtype 'auto'")
 
 
 def make_backend(name: str, block_size: int, max_model_len: int):

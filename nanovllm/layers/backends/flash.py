@@ -17,10 +17,12 @@ class FlashBackend:
         from nanovllm.kernels.kv_store import store_kv
         self._store_kv = store_kv
 
-    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, k_scale=None, v_scale=None) -> None:
+        assert k_scale is None, "flash reads half-precision caches only (resolve_backend refuses fp8)"
         self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None) -> torch.Tensor:
         if meta.is_decode and k_cache.numel():
             out = flash_attn_with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=meta.context_lens,
                                           block_table=meta.block_tables, softmax_scale=scale, causal=True)

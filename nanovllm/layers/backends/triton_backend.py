@@ -8,7 +8,8 @@ the decode split count depends only on the batch shape and max_model_len.
 import torch
 
 from nanovllm.kernels.kv_store import store_kv
-from nanovllm.kernels.paged_attention import paged_decode_attention, paged_prefill_attention
+from nanovllm.kernels.paged_decode import paged_decode_attention
+from nanovllm.kernels.paged_prefill import paged_prefill_attention
 from nanovllm.utils.context import AttentionMetadata
 
 
@@ -28,22 +29,24 @@ class TritonBackend:
         self.num_decode_splits = num_decode_splits
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> None:
+                 meta: AttentionMetadata, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> None:
         if k_cache.numel() == 0:  # warmup before the cache exists: nothing to write to
             return
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> torch.Tensor:
         """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
         if k_cache.numel() == 0:  # warmup before the cache exists: plain causal prefill
             return self._forward_uncached(q, k, v, meta, scale)
         if meta.is_decode:
             return paged_decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale,
-                                          num_splits=self.num_decode_splits,
-                                          max_context_len=self.max_model_len)
+                                          num_splits=self.num_decode_splits, max_context_len=self.max_model_len,
+                                          k_scale=k_scale, v_scale=v_scale)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                       meta.block_tables, meta.max_seqlen_q, scale)
+                                       meta.block_tables, meta.max_seqlen_q, scale, k_scale, v_scale)
 
     @staticmethod
     def _forward_uncached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,

@@ -1,0 +1,223 @@
+"""Split-K (flash-decoding) paged decode attention (Triton).
+
+One query row per sequence (its last position) over its paged keys, computing exactly
+what `torch_ref.paged_attention_ref` computes, accumulated in float32. A sequence's keys
+may be cut into splits that run as separate programs; a reduction kernel then merges the
+splits' outputs by their log-sum-exp.
+
+  q:            [num_seqs, num_heads, head_dim]
+  k/v_cache:    [num_blocks, block_size, num_kv_heads, head_dim]
+  block_tables: [num_seqs, max_blocks_per_seq] int32, padded with -1
+  context_lens: [num_seqs] int32, keys per sequence (0 = CUDA-graph padding row)
+  k/v_scale:    [num_blocks, block_size, num_kv_heads] float32, fp8 (e4m3) caches only
+
+An fp8 cache is read as is (half the bytes of bf16) and dequantized in registers: e4m3
+values widen exactly to q's dtype, K's per-key scales multiply the scores and V's the
+softmax weights.
+
+GQA: each program handles all `group = num_heads // num_kv_heads` query heads of one
+kv head, so every K/V tile is read once per kv head, not once per query head.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.attention_common import (LOG2E, KernelConfig, dot_precision, head_dim_mask, load_scales,
+                                               online_softmax, paged_rows, rows_contiguous, tile_dot)
+from nanovllm.kernels.fp8 import is_fp8, scale_strides
+
+# Decode splits: split a sequence's keys only while num_seqs * num_kv_heads programs are
+# fewer than DECODE_PROGRAMS_PER_SM per SM, give each split at least MIN_KEYS_PER_SPLIT keys,
+# and never more than MAX_SPLITS (the reduction loads all of a head's splits as one block).
+# Measured on an H100 (Qwen3-0.6B heads, context 1024-2048): 1 split from 32 sequences up,
+# 2 at 16, 4 at 8, 16-32 at 1; more splits than that only add reduction work.
+DECODE_PROGRAMS_PER_SM = 2
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    context_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
+    stride_qs, stride_qh, stride_os, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_sb, stride_ss,
+    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DIRECT: tl.constexpr, FP8: tl.constexpr,
+):
+    # grid (seq, kv head, split): one split of one sequence's keys, for all GROUP query heads
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(context_lens_ptr + seq)
+    # NOTE: splits are sized from ctx inside the kernel, so the grid (and a captured CUDA
+    # graph) never depends on tensor contents; split starts stay multiples of BLOCK_N.
+    keys_per_split = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, ctx)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+    head = kv_head * GROUP + offs_g  # [BLOCK_G]
+    g_mask = offs_g < GROUP
+    q_rows = seq.to(tl.int64) * stride_qs + head * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=g_mask[:, None] & d_mask[None, :],
+                other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_kh
+    v_base = v_cache_ptr + kv_head * stride_vh
+    if FP8:  # scales: [num_blocks, block_size, num_kv_heads], heads contiguous
+        ks_base = k_scale_ptr + kv_head
+        vs_base = v_scale_ptr + kv_head
+    else:
+        ks_base = k_scale_ptr
+        vs_base = v_scale_ptr
+    for start_n in range(start, end, BLOCK_N):
+        key_mask = start_n + offs_n < end  # [BLOCK_N]
+        k_rows = paged_rows(bt_ptr, start_n, offs_n, key_mask, stride_kb, stride_ks, BLOCK_SIZE, BLOCK_N)
+        v_rows = paged_rows(bt_ptr, start_n, offs_n, key_mask, stride_vb, stride_vs, BLOCK_SIZE, BLOCK_N)
+        kv_mask = key_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_base + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tile_dot(q, tl.trans(k.to(q.dtype)), DOT_PRECISION, UPCAST)  # [BLOCK_G, BLOCK_N]
+        if FP8:  # e4m3 widens to q's dtype exactly; the scales multiply scores and weights
+            k_scale, v_scale = load_scales(ks_base, vs_base, bt_ptr, start_n, offs_n, key_mask, stride_sb,
+                                           stride_ss, BLOCK_SIZE, BLOCK_N)
+            qk = qk * (k_scale * qk_scale)[None, :]
+            v = v.to(q.dtype)
+        else:
+            v_scale = None
+            qk = qk * qk_scale
+        qk = tl.where(key_mask[None, :], qk, float("-inf"))
+        acc, m_i, l_i = online_softmax(qk, v, v_scale, acc, m_i, l_i, DOT_PRECISION, UPCAST, FP8)
+
+    has_keys = l_i > 0.0  # NOTE: empty splits and ctx-0 padding rows: zeros, lse -inf, no NaN
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if DIRECT:  # a single split is already the answer: skip the reduction kernel
+        out_rows = seq.to(tl.int64) * stride_os + head * stride_oh
+        tl.store(out_ptr + out_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_rows = seq.to(tl.int64) * stride_ps + head * stride_ph + split * stride_pk
+        tl.store(part_out_ptr + part_rows[:, None] + offs_d[None, :], out, mask=out_mask)
+        lse = tl.where(has_keys, m_i + tl.log2(l_safe), float("-inf"))  # log2-domain log-sum-exp
+        tl.store(part_lse_ptr + seq.to(tl.int64) * stride_ls + head * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, num_splits,
+    stride_ps, stride_ph, stride_pk, stride_ls, stride_lh, stride_os, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid (seq, head): weight each split's normalized output by exp2(lse - max lse)
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = head_dim_mask(offs_d, HEAD_DIM, BLOCK_D)
+    lse = tl.load(part_lse_ptr + seq * stride_ls + head * stride_lh + offs_s, mask=s_mask,
+                  other=float("-inf"))  # [BLOCK_S]
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all splits empty: weights 0
+    weight = tl.exp2(lse - lse_max)
+    part_rows = seq * stride_ps + head * stride_ph + offs_s * stride_pk
+    part = tl.load(part_out_ptr + part_rows[:, None] + offs_d[None, :],
+                   mask=s_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    total = tl.sum(weight, 0)
+    total = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(part * weight[:, None], 0) / total  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_os + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def _decode_config(q: torch.Tensor) -> KernelConfig:
+    if not q.is_cuda:
+        return KernelConfig(0, 32, 4, 1)
+    # H100, batch 64-256: ~2.5-2.9 TB/s of KV, flat across tiles 32-128 and 2-4 warps
+    return KernelConfig(0, 64, 4, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter has no SMs; any small number exercises splitting
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int:
+    """Decode split count from Python ints only (fixed per CUDA graph, never tensor contents).
+
+    Split a sequence's keys only when num_seqs * num_kv_heads programs leave SMs idle.
+    """
+    programs = num_seqs * num_kv_heads
+    wanted = DECODE_PROGRAMS_PER_SM * num_sms // programs
+    useful = triton.cdiv(max_context_len, MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                           num_splits: int | None = None, max_context_len: int | None = None,
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence (its last position) over its paged keys; ctx-0 rows get zeros.
+
+    num_splits: key splits per sequence; by default chosen by `choose_num_splits` from the
+    batch shape and max_context_len (default: block_tables.shape[1] * block_size), all
+    Python ints that stay fixed across CUDA-graph replays. An fp8 cache needs k_scale/v_scale
+    (see `nanovllm.kernels.fp8`).
+    """
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    assert num_heads % num_kv_heads == 0 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert context_lens.shape[0] == num_seqs, "decode takes exactly one query row per sequence"
+    stride_sb, stride_ss = scale_strides(k_cache, k_scale, v_scale)
+    q = rows_contiguous(q)
+    out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        max_context_len = max_context_len or block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context_len, _num_sms(q.device))
+    num_splits = max(1, min(num_splits, MAX_SPLITS))
+    cfg = _decode_config(q)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    direct = num_splits == 1
+    # scratch: each split's normalized output and log2-sum-exp (graph-pool memory under capture)
+    part_shape = (num_seqs, num_heads, 1 if direct else num_splits)
+    part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, k_scale, v_scale,
+        scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_sb, stride_ss,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
+        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct, FP8=is_fp8(k_cache.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, num_splits,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2),
+            part_lse.stride(0), part_lse.stride(1), out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
