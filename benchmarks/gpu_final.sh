@@ -13,7 +13,7 @@ timeout 120 python3 -c "import bench; print(bench.default_model_dir())" | tail -
 PYTEST="python3 -m pytest -q -p no:cacheprovider"
 B() { timeout 150 python3 bench.py "$@" 2>&1 | grep -E "^(Total|Config|Error|Traceback|WARNING)"; }
 ( export CUDA_VISIBLE_DEVICES=1
-  timeout 330 $PYTEST -m cuda tests/gpu tests/kernels tests/unit/test_sampler.py tests/e2e/test_sampling_api.py \
+  timeout 330 $PYTEST -s -m cuda tests/gpu tests/kernels tests/unit/test_sampler.py tests/e2e/test_sampling_api.py \
     > "$OUT/pytest_cuda.log" 2>&1
   timeout 150 $PYTEST tests/e2e/test_overlap.py tests/models/test_hf_agreement.py > "$OUT/pytest_fp32_cuda.log" 2>&1
 ) &
@@ -25,9 +25,9 @@ B --attention-backend triton
 B --max-num-batched-tokens 4096 --json "$OUT/bench_tp1_budget4k.json"
 timeout 200 python3 bench.py --backend hf --num-seqs 16 2>&1 | grep -E "^(Total|Config|Error)"
 wait $tests
-grep -E "passed|failed" "$OUT/pytest_cuda.log" | tail -2; grep -E "^FAILED" "$OUT/pytest_cuda.log"
+grep -E "passed|failed" "$OUT/pytest_cuda.log" | tail -2; grep -E "^FAILED|agreement|fp8 KV" "$OUT/pytest_cuda.log"
 grep -E "passed|failed" "$OUT/pytest_fp32_cuda.log" | tail -2; grep -E "^FAILED" "$OUT/pytest_fp32_cuda.log"
 unset CUDA_VISIBLE_DEVICES
-timeout 200 $PYTEST tests/gpu/test_cuda_engine.py::test_tp2_agrees_with_oracle tests/e2e/test_tensor_parallel.py > "$OUT/pytest_tp2.log" 2>&1
-grep -E "passed|failed" "$OUT/pytest_tp2.log" | tail -2; grep -E "^FAILED" "$OUT/pytest_tp2.log"
+timeout 200 $PYTEST -s tests/gpu/test_cuda_engine.py::test_tp2_agrees_with_oracle tests/e2e/test_tensor_parallel.py > "$OUT/pytest_tp2.log" 2>&1
+grep -E "passed|failed" "$OUT/pytest_tp2.log" | tail -2; grep -E "^FAILED|agreement" "$OUT/pytest_tp2.log"
 B --tp 2 --kv-cache-dtype fp8 --json "$OUT/bench_tp2_fp8.json"

@@ -83,6 +83,7 @@ def test_backends_and_graphs_agree_with_oracle(qwen3_06b, prompts, oracle, backe
         pytest.importorskip("flash_attn")
     tokens = run(qwen3_06b, prompts, attention_backend=backend, enforce_eager=eager)
     score = oracle_agreement(oracle, prompts, tokens)
+    print(f"oracle agreement {backend} eager={eager}: {score:.1%}")
     assert score >= 0.95, f"{backend} (eager={eager}): {score:.1%} of greedy tokens are the oracle's argmax"
 
 
@@ -135,6 +136,7 @@ def test_prefill_logits_as_close_to_fp32_as_hf_bf16(qwen3_06b, oracle):
 def test_tp2_agrees_with_oracle(qwen3_06b, prompts, oracle):
     tokens = run(qwen3_06b, prompts, tensor_parallel_size=2)
     score = oracle_agreement(oracle, prompts, tokens)
+    print(f"oracle agreement TP=2: {score:.1%}")
     assert score >= 0.95, f"TP=2: {score:.1%} of greedy tokens are the oracle's argmax"
 
 
