@@ -30,7 +30,10 @@ def is_fp8(dtype: torch.dtype) -> bool:
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., head_dim] -> (q [..., head_dim] float8_e4m3fn, scale [...] float32)."""
     x = x.float()
-    scale = (x.abs().amax(dim=-1) / FP8_MAX).clamp_min(MIN_SCALE)  # [...]
+    amax = x.abs().amax(dim=-1)
+    # NOTE: divide by a tensor on the same device: PyTorch's CUDA division by a Python scalar
+    # multiplies by its reciprocal, one bit off the IEEE quotient the Triton kernel computes
+    scale = (amax / amax.new_full((), FP8_MAX)).clamp_min(MIN_SCALE)  # [...]
     # NOTE: clamp before the cast: e4m3fn has no inf, an out-of-range cast would be NaN
     q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
