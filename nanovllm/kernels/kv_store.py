@@ -32,7 +32,8 @@ def _round_to_e4m3(x):
     # a float32 2^(e+20) has ulp 2^(e-3): adding it rounds a to the grid (round-to-nearest-even)
     magic = ((exp_bits + 20) << 23).to(tl.float32, bitcast=True)
     r = (a + magic) - magic
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit, so -0.0 stays -0.0
+    # NOTE: + 0.0 turns -0.0 into +0.0, as quantize_fp8 does (the H100's cast to e4m3 does too)
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r) + 0.0
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from nanovllm.kernels.paged_decode import paged_decode_attention
 from nanovllm.kernels.paged_prefill import paged_prefill_attention
 from nanovllm.layers.backends.torch_ref import TorchBackend, paged_attention_ref, store_kv_ref
 from nanovllm.layers.backends.triton_backend import TritonBackend
-from tests.kernels.test_triton_kernels import MIXED, QWEN3, PagedBatch, assert_close, cu_seqlens, make_step
+from tests.kernels.test_triton_kernels import MIXED, QWEN3, TOL, PagedBatch, assert_close, cu_seqlens, make_step
 
 CPU = torch.device("cpu")
 GPU = torch.device("cuda")
@@ -117,7 +117,17 @@ def check_fp8_prefill(q_lens: list[int], k_lens: list[int], num_heads: int, num_
     args = (batch.k_cache, batch.v_cache, cu_q, batch.context_lens, batch.block_tables)
     out = paged_prefill_attention(q, *args, max(q_lens), scale, batch.k_scale, batch.v_scale)
     ref = paged_attention_ref(q, *args, scale, batch.k_scale, batch.v_scale)
-    assert_close(out, ref, dtype)
+    if dtype == torch.float32:
+        assert_close(out, ref, dtype)
+        return
+    # bf16 P.V: each weighted term p * v is rounded to ~2^-9 of itself; where terms of
+    # magnitudes spread over decades cancel, the error is bounded by sum(p * |v|), not by the
+    # small output (measured on an H100: 4 of 9.7M outputs exceed a plain 0.02 tolerance)
+    v_abs = batch.v_cache.float().abs().to(batch.v_cache.dtype)
+    bound = paged_attention_ref(q.float(), batch.k_cache, v_abs, *args[2:], scale, batch.k_scale, batch.v_scale)
+    err = (out.float() - ref.float()).abs()
+    assert not out.isnan().any()
+    assert (err <= TOL[dtype] * (1 + ref.float().abs()) + 2 ** -7 * bound).all(), (err - 2 ** -7 * bound).max()
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (2, 2)])  # GQA, group of 3, MHA
