@@ -35,8 +35,7 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # multiplies by its reciprocal, one bit off the IEEE quotient the Triton kernel computes
     scale = (amax / amax.new_full((), FP8_MAX)).clamp_min(MIN_SCALE)  # [...]
     # NOTE: clamp before the cast: e4m3fn has no inf, an out-of-range cast would be NaN
-    # + 0.0: a negative value that rounds to zero is stored as +0 (one zero, on every target)
-    q = ((x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX) + 0.0).to(FP8_DTYPE)
+    q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return q, scale
 
 

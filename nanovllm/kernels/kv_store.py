@@ -20,20 +20,22 @@ _E4M3_MIN_NORMAL_EXP = tl.constexpr(127 - 6)  # biased float32 exponent of 2^-6,
 
 
 @triton.jit
-def _round_to_e4m3(x):
-    """float32 x (|x| <= 448) rounded to nearest-even on the e4m3 grid, still float32.
+def _to_e4m3(x):
+    """float32 x (|x| <= 448) -> e4m3, rounded to nearest-even, bit for bit torch's cast.
 
-    NOTE: the cast to fp8 then is exact on every target. Triton's CPU interpreter rounds
-    fp8 casts wrongly when the mantissa carries (1.9375 -> 1.0); on CUDA this matches cvt.rn.
+    |x| is rounded on the e4m3 grid in float32 (so the cast itself is exact: Triton's CPU
+    interpreter rounds fp8 casts wrongly when the mantissa carries, 1.9375 -> 1.0), and the
+    sign goes on as a bit (a float select of -0.0 is not kept on the H100, where -0.0004
+    would become +0 instead of torch's -0).
     """
     a = tl.abs(x)
     # e4m3 steps by 2^(e-3) in the binade [2^e, 2^(e+1)) from 2^-6 up, and by 2^-9 below
     exp_bits = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, _E4M3_MIN_NORMAL_EXP)  # biased e
     # a float32 2^(e+20) has ulp 2^(e-3): adding it rounds a to the grid (round-to-nearest-even)
     magic = ((exp_bits + 20) << 23).to(tl.float32, bitcast=True)
-    r = (a + magic) - magic
-    # NOTE: + 0.0 turns -0.0 into +0.0, as quantize_fp8 does (the H100's cast to e4m3 does too)
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r) + 0.0
+    bits = ((a + magic) - magic).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    sign = tl.where(x.to(tl.int32, bitcast=True) < 0, 0x80, 0).to(tl.uint8)
+    return (bits | sign).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
@@ -45,7 +47,7 @@ def _quantize_rows(x):
     scale = tl.maximum(tl.math.div_rn(amax, _FP8_MAX), _MIN_SCALE)
     q = tl.math.div_rn(x, scale[:, None])
     q = tl.minimum(tl.maximum(q, -_FP8_MAX), _FP8_MAX)
-    return _round_to_e4m3(q).to(tl.float8e4nv), scale
+    return _to_e4m3(q), scale
 
 
 @triton.jit
