@@ -53,7 +53,10 @@ class InFlight:
     """A launched step whose output the host has not processed yet."""
     batch: ScheduledBatch
     output: PendingOutput
-    rows: dict[int, int]   # seq_id -> its row in the step's sampled ids
+
+    def rows(self) -> dict[int, int]:
+        """seq_id -> its row in the step's sampled ids."""
+        return {seq_id: i for i, seq_id in enumerate(self.output.seq_ids)}
 
 
 class LLMEngine:
@@ -183,11 +186,11 @@ class LLMEngine:
             batch = self.scheduler.schedule()
             launched = None
             if batch.seqs:
-                prev_rows = self._in_flight.rows if self._in_flight is not None else {}
+                prev_rows = self._in_flight.rows() if self._in_flight is not None else {}
                 inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids, prev_rows)
                 output = self._run_step(inputs)
                 self.scheduler.on_launch(batch)
-                launched = InFlight(batch, output, {seq_id: i for i, seq_id in enumerate(inputs.sampling_seq_ids)})
+                launched = InFlight(batch, output)
             elif self._in_flight is None and not self.scheduler.is_finished():
                 raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
             previous, self._in_flight = self._in_flight, launched

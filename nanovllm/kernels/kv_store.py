@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.attention_common import rows_contiguous
 from nanovllm.kernels.fp8 import FP8_MAX, MIN_SCALE, is_fp8, scale_strides
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -85,11 +86,6 @@ def _store_kv_kernel(
     tl.store(v_dst + offs_d[None, :], v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """The kernels index the last dim with stride 1; other strides are passed through."""
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
              v_scale: torch.Tensor | None = None) -> None:
@@ -104,7 +100,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "KV cache rows must be contiguous"
     assert slot_mapping.dtype == torch.int64 and slot_mapping.shape[0] == num_tokens
     stride_sb, stride_ss = scale_strides(k_cache, k_scale, v_scale)
-    k, v = _rows_contiguous(k), _rows_contiguous(v)
+    k, v = rows_contiguous(k), rows_contiguous(v)
     _store_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
