@@ -3,14 +3,7 @@
 # TP=1 benchmarks (GPU 0: default, triton, FP8 KV, token budgets, HF baseline), then the
 # TP=2 tests (oracle agreement, dead worker on NCCL) and TP=2 benches. Carry .whl/.
 #   bash benchmarks/gpu_final.sh
-set -u
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 120 python3 -c "import bench; print(bench.default_model_dir())" | tail -1
-PYTEST="python3 -m pytest -q -p no:cacheprovider"
+. "$(dirname "$0")/gpu_setup.sh"
 B() { timeout 150 python3 bench.py "$@" 2>&1 | grep -E "^(Total|Config|Error|Traceback|WARNING)"; }
 ( export CUDA_VISIBLE_DEVICES=1
   timeout 330 $PYTEST -s -m cuda tests/gpu tests/kernels tests/unit/test_sampler.py tests/e2e/test_sampling_api.py \

@@ -2,14 +2,7 @@
 # One device call for overlap scheduling (#12), on a 2-GPU H100 host: TP=1 with overlap on
 # and off, TP=2, a host-side profile, then the overlap and bf16 GPU tests beside the TP=2 run.
 # Carry .whl/ (flash-attn + xxhash wheels).   bash benchmarks/gpu_overlap.sh
-set -u
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 120 python3 -c "import bench; print(bench.default_model_dir())" | tail -1
-PYTEST="python3 -m pytest -q -p no:cacheprovider"
+. "$(dirname "$0")/gpu_setup.sh"
 B() { timeout 100 python3 bench.py "$@" 2>&1 | grep -E "^(Total|Config|Error|Traceback)"; }
 export CUDA_VISIBLE_DEVICES=0
 B --json "$OUT/bench_tp1_overlap.json"

@@ -3,16 +3,8 @@
 # benchmarks TP=1 and runs the CPU suite's scheduling tests on CUDA (float32, so HF on CPU stays
 # the oracle). Logs land in $OUT (or ./gpu-logs). Carry .whl/ (flash-attn + xxhash wheels).
 #   bash benchmarks/gpu_session.sh
-set -u
-OUT=${OUT:-gpu-logs}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=$PWD
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, flash_attn, triton; print(torch.__version__, flash_attn.__version__, triton.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 120 python3 -c "import bench; print(bench.default_model_dir())"   # the random Qwen3-0.6B, once
+. "$(dirname "$0")/gpu_setup.sh"
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
-PYTEST="python3 -m pytest -q -p no:cacheprovider"
 if [ "$ngpu" -ge 2 ]; then
   timeout 100 python3 bench.py --tp 2 --json "$OUT/bench_tp2.json" 2>&1 | grep -E "^(Total|Config|Error)"
   timeout 150 $PYTEST tests/gpu -k tp2 2>&1 | tail -3 | tee "$OUT/pytest_tp2.log"
