@@ -1,0 +1,96 @@
+"""bench.py's workloads: the reference draws stay nano-vLLM's, every workload's totals stay its checksum,
+and `--help` documents each one. CPU only, no model."""
+import random
+import subprocess
+import sys
+
+import pytest
+
+import bench
+
+
+def reference_draws(num_seqs: int, max_input_len: int, max_output_len: int) -> tuple[int, int]:
+    """nano-vLLM's bench.py, as written there: the global generator, all prompts first, then max_tokens."""
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input_len))] for _ in range(num_seqs)]
+    max_tokens = [random.randint(100, max_output_len) for _ in range(num_seqs)]
+    return sum(map(len, prompts)), sum(max_tokens)
+
+
+def test_reference_is_nano_vllms_workload():
+    state = random.getstate()
+    try:
+        expected = reference_draws(256, 1024, 1024)
+    finally:
+        random.setstate(state)
+    workload = bench.make_workload(bench.WORKLOADS["reference"])
+    assert workload.totals == (*expected, 256) == (142_827, 133_966, 256)
+
+
+@pytest.mark.parametrize("name", list(bench.WORKLOADS))
+def test_workload_totals_match_checksum_and_recipe(name):
+    spec = bench.WORKLOADS[name]
+    workload = bench.make_workload(spec)
+    assert workload.totals == bench.WORKLOAD_TOTALS[name]
+    prefix = workload.prompt_token_ids[0][:spec.prefix_len]
+    for prompt, max_tokens in zip(workload.prompt_token_ids, workload.max_tokens):
+        assert prompt[:spec.prefix_len] == prefix
+        assert spec.prompt_len[0] <= len(prompt) - spec.prefix_len <= spec.prompt_len[1]
+        assert spec.output_len[0] <= max_tokens <= spec.output_len[1]
+        assert len(prompt) + max_tokens <= 4096  # every workload fits the default max_model_len
+    assert len({tuple(p) for p in workload.prompt_token_ids}) == len(workload.prompt_token_ids)
+
+
+def test_caps_and_scale_shrink_every_workload():
+    args = bench.parse_args(["--workload", "all", "--scale", "0.01", "--max-input-len", "40", "--max-output-len", "8"])
+    for workload in bench.build_workloads(args).values():
+        spec = workload.spec
+        assert len(workload.max_tokens) == max(1, round(spec.num_requests * 0.01))
+        assert max(map(len, workload.prompt_token_ids)) <= 40 and max(workload.max_tokens) <= 8
+        shared = workload.prompt_token_ids[0][:spec.prefix_len and 20]
+        assert all(p[:len(shared)] == shared for p in workload.prompt_token_ids)
+
+
+def test_dry_run_prints_each_workloads_totals(capsys):
+    names = ["reference", "long", "sampling-n"]  # the quick ones: the others' totals are checked above
+    assert bench.main(["--dry-run", "--workload", ",".join(names)]) == 0
+    out = capsys.readouterr().out
+    for name in names:
+        prompt, output, requests = bench.WORKLOAD_TOTALS[name]
+        assert f"Workload {name}: {requests} requests, prompt tokens: {prompt}, output tokens: {output}" in out
+    assert out.count("Checksum: matches") == len(names)
+
+
+def test_help_documents_every_workload_without_importing_torch():
+    code = "import sys, runpy; sys.argv = ['bench.py', '--help']\n" \
+           "try: runpy.run_path('bench.py', run_name='__main__')\n" \
+           "except SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules and 'nanovllm' not in sys.modules, 'help imported torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=bench.HERE, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.strip().startswith("| ")}
+    for name, spec in bench.WORKLOADS.items():
+        prompt, output, _ = bench.WORKLOAD_TOTALS[name]
+        assert f"{spec.num_requests:,}" in rows[name] and f"{prompt:,} / {output:,}" in rows[name]
+    assert "(default: reference)" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workload", "nope"], "unknown ['nope']"),
+    (["--workload", "long", "--max-model-len", "2048"], "too short for ['long']"),
+    (["--scale", "0"], "--scale must be > 0"),
+    (["--backend", "hf", "--workload", "sampling-n"], "nanovllm backend only"),
+    (["--model", "x", "--model-config", "qwen3-30b-a3b"], "exclude each other"),
+])
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_structured_constraints_cannot_finish_before_max_tokens():
+    workload = bench.make_workload(bench.WORKLOADS["reference"], num_requests=8)
+    schema = bench.structured_outputs("json", workload)["json"]
+    assert schema["properties"]["text"]["minLength"] == max(workload.max_tokens)
+    assert bench.structured_outputs("regex", workload) == {"regex": bench.STRUCTURED_REGEX}
+    assert bench.structured_outputs("none", workload) is None
