@@ -108,8 +108,8 @@ FULL_BATCH_DECODE_STEPS = 128  # full-batch probe: t(1 + 128 tokens) - t(1 token
 PROBE = WorkloadSpec("probe", PROBE_SEED, 1, (1, 1), (1, 1))
 
 # --structured: constraints that can never complete before max_tokens, so constrained and unconstrained
-# runs generate the same tokens. The regex can always grow; the JSON string's minLength is >= every
-# max_tokens (each token adds >= 1 character), so the document can never close early.
+# runs generate the same tokens. The regex can always grow; the JSON string's minLength is every
+# max_tokens times the vocabulary's longest token, so the document cannot close before max_tokens.
 STRUCTURED_REGEX = "[a-z0-9 ]+"
 # Tokens the benchmark checkpoints' tokenizer adds to make_tokenizer's words (t3, t4, ...), which alone
 # cannot spell a JSON document.
@@ -190,12 +190,12 @@ def build_workloads(args) -> dict[str, Workload]:
             for s in selected_workloads(args.workload)}
 
 
-def structured_outputs(kind: str, workload: Workload) -> dict | None:
+def structured_outputs(kind: str, workload: Workload, max_token_chars: int) -> dict | None:
     """The `SamplingParams.structured_outputs` every request of the workload gets, or None."""
     if kind == "regex":
         return {"regex": STRUCTURED_REGEX}
     if kind == "json":
-        text = {"type": "string", "minLength": max(workload.max_tokens)}
+        text = {"type": "string", "minLength": max(workload.max_tokens) * max_token_chars}
         return {"json": {"type": "object", "properties": {"text": text}, "required": ["text"],
                          "additionalProperties": False}}
     return None
@@ -362,6 +362,10 @@ class NanoRunner:
             outputs = self.llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
             return sum(map(count_output_tokens, outputs))
         return run
+
+    def max_token_chars(self) -> int:
+        """The longest token's characters (its raw vocabulary string bounds the decoded text)."""
+        return max(map(len, self.llm.tokenizer.get_vocab()))
 
     def engine_info(self) -> dict:
         return self.llm.engine_info()
@@ -643,7 +647,8 @@ def make_runner(args, model: str, config: dict):
 
 
 def run_workload(args, runner, workload: Workload) -> dict:
-    structured = structured_outputs(args.structured, workload)
+    structured = None if args.structured == "none" else \
+        structured_outputs(args.structured, workload, runner.max_token_chars())
     timing = timed_generate(runner, workload, structured)
     throughput = timing.num_output_tokens / timing.seconds
     expected = workload.totals[1]

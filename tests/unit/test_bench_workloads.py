@@ -88,9 +88,37 @@ def test_bad_flags_are_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_structured_constraints_cannot_finish_before_max_tokens():
+def test_structured_constraints():
     workload = bench.make_workload(bench.WORKLOADS["reference"], num_requests=8)
-    schema = bench.structured_outputs("json", workload)["json"]
-    assert schema["properties"]["text"]["minLength"] == max(workload.max_tokens)
-    assert bench.structured_outputs("regex", workload) == {"regex": bench.STRUCTURED_REGEX}
-    assert bench.structured_outputs("none", workload) is None
+    schema = bench.structured_outputs("json", workload, 7)["json"]
+    assert schema["properties"]["text"]["minLength"] == max(workload.max_tokens) * 7
+    assert bench.structured_outputs("regex", workload, 7) == {"regex": bench.STRUCTURED_REGEX}
+    assert bench.structured_outputs("none", workload, 7) is None
+
+
+def test_structured_constraints_hold_on_the_bench_tokenizer():
+    """The benchmark checkpoints' tokenizer can spell the JSON document, and neither constraint lets a
+    request finish (close the document, or allow only EOS) before max_tokens, even on the longest tokens."""
+    xgr = pytest.importorskip("xgrammar")
+    import json
+    vocab_size, max_tokens = 512, 40
+    tokenizer = bench.make_bench_tokenizer(vocab_size)
+    ids = tokenizer.convert_tokens_to_ids
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    longest = max(tokenizer.get_vocab(), key=len)
+    word = ids(max((t for t in tokenizer.get_vocab() if t.startswith("t")), key=len))  # the longest word
+    workload = bench.Workload(bench.PROBE, [[1]], [max_tokens])
+    schema = bench.structured_outputs("json", workload, len(longest))["json"]
+    quote, eos = ids('"'), tokenizer.eos_token_id
+    for grammar, opening in ((compiler.compile_json_schema(json.dumps(schema)), list('{"text":"')),
+                             (compiler.compile_regex(bench.STRUCTURED_REGEX), [])):
+        matcher, mask = xgr.GrammarMatcher(grammar), xgr.allocate_token_bitmask(1, vocab_size)
+        assert all(matcher.accept_token(t) for t in ids(opening))
+        for _ in range(max_tokens - len(opening)):
+            matcher.fill_next_token_bitmask(mask)
+            allowed = {t for t in (quote, eos, word) if mask[0, t // 32] >> (t % 32) & 1}
+            assert word in allowed  # more than EOS: the request goes on
+            if opening:             # and the JSON string cannot close yet
+                assert quote not in allowed and eos not in allowed
+            assert matcher.accept_token(word)
+        assert not matcher.is_terminated()
