@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.kernels.fused_moe import MoeTiles, align_by_expert, fused_experts
-from nanovllm.layers.fused_moe import Routing, fused_experts_reference
+from nanovllm.layers.fused_moe import FusedMoE, Routing, fused_experts_reference, select_experts
 
 LOADS = ["random", "all-on-one-expert", "few-experts-rest-empty"]
 
@@ -106,19 +106,25 @@ def test_fused_experts_match_reference_cuda_fp32(num_tokens):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("num_tokens", [1, 64, 256])
-def test_fused_experts_replay_in_a_cuda_graph(weights_bf16, num_tokens):
-    """Captured with one routing, replayed with others: no host sync, no data-dependent size."""
-    gate_up, down = weights_bf16
+def test_moe_layer_replays_in_a_cuda_graph(weights_bf16, num_tokens):
+    """Router top-k + experts captured with one routing, replayed with others (spread out,
+    all on expert 3, experts 0..7 only): no host sync, no data-dependent size."""
+    with torch.device("cuda"):
+        moe = FusedMoE(E, TOP_K, HIDDEN, INTER, renormalize=True).to(torch.bfloat16)
+    moe.gate_up_proj.copy_(weights_bf16[0])
+    moe.down_proj.copy_(weights_bf16[1])
     x = torch.randn(num_tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    routing = make_routing(num_tokens, E, TOP_K, "random", "cuda")
-    weights, ids = routing.weights.clone(), routing.ids.clone()
-    fused_experts(x, gate_up, down, weights, ids)  # compile outside the capture
+    logits = torch.randn(num_tokens, E, device="cuda", dtype=torch.bfloat16)
+    moe(x, logits)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fused_experts(x, gate_up, down, weights, ids)
-    for seed, load in enumerate(LOADS, start=1):
-        new = make_routing(num_tokens, E, TOP_K, load, "cuda", seed=seed)
-        weights.copy_(new.weights)
-        ids.copy_(new.ids)
+        out = moe(x, logits)
+    for boost in (None, [3], list(range(TOP_K))):
+        new = torch.randn(num_tokens, E, device="cuda", dtype=torch.bfloat16)
+        if boost is not None:
+            new[:, boost] += 20.0
+        logits.copy_(new)
         graph.replay()
-        torch.testing.assert_close(out, fused_experts(x, gate_up, down, weights, ids), atol=0, rtol=0)
+        torch.testing.assert_close(out, moe(x, logits), atol=0, rtol=0)
+        routing = select_experts(logits, TOP_K, True)
+        torch.testing.assert_close(out, fused_experts_reference(x, *weights_bf16, routing), atol=2e-2, rtol=2e-2)
