@@ -1,9 +1,11 @@
 """Fused mixture-of-experts on CUDA: two grouped GEMMs over expert-aligned blocks.
 
-1. `align_by_expert`: the num_tokens * top_k (token, expert) pairs, sorted by expert and
+0. `topk_softmax`: the router's softmax and top-k in one kernel.
+1. `align_by_expert`: the num_tokens * top_k (token, expert) pairs, grouped by expert and
    each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M rows share one
-   expert. Torch ops on the device, no host sync: sizes depend only on num_tokens (at most
-   num_pairs + min(E, num_pairs) * (BLOCK_M - 1) rows), so a CUDA graph can capture it.
+   expert (count, scan, scatter: three small kernels). No host sync: sizes depend only on
+   num_tokens (at most num_pairs + min(E, num_pairs) * (BLOCK_M - 1) rows), so a CUDA graph
+   can capture it.
 2. `_gate_up_kernel`: per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
 3. `_down_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
 4. A sum over each token's top_k rows.
@@ -42,29 +44,110 @@ def tiles_for(num_tokens: int) -> MoeTiles:
 
 
 class ExpertBlocks(NamedTuple):
-    pair_ids: torch.Tensor      # [max_rows] int32: pair (token * top_k + slot) per row; num_pairs = padding
+    pair_ids: torch.Tensor       # [max_rows] int32: pair (token * top_k + slot) per row; num_pairs = padding
     block_experts: torch.Tensor  # [max_rows // BLOCK_M] int32: each block's expert; -1 = unused block
 
 
+PAIRS_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    """Softmax over the experts in float32, then the top k, ties to the lowest expert id."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    safe_rows = tl.minimum(rows, num_tokens - 1)  # rows past the end repeat the last one (never stored)
+    logits = tl.load(logits_ptr + safe_rows[:, None] * stride + cols[None, :],
+                     mask=cols[None, :] < num_experts, other=float("-inf")).to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, 1)[:, None])
+    probs = probs / tl.sum(probs, 1)[:, None]               # [BLOCK_T, BLOCK_E]; padding columns are 0
+    scale = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if RENORMALIZE:  # a first pass for the sum of the top k
+        left, total = probs, tl.zeros((BLOCK_T,), tl.float32)
+        for _ in tl.static_range(TOP_K):
+            best = tl.max(left, 1)
+            pick = tl.min(tl.where(left == best[:, None], cols[None, :], BLOCK_E), 1)
+            left = tl.where(cols[None, :] == pick[:, None], -1.0, left)  # NOTE: below every probability
+            total += best
+        scale = 1.0 / total
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, 1)
+        pick = tl.min(tl.where(probs == best[:, None], cols[None, :], BLOCK_E), 1)  # the lowest id of a tie
+        probs = tl.where(cols[None, :] == pick[:, None], -1.0, probs)
+        tl.store(weights_ptr + rows * TOP_K + j, best * scale, mask=row_ok)
+        tl.store(ids_ptr + rows * TOP_K + j, pick, mask=row_ok)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layers.fused_moe.select_experts` in one kernel: (weights float32, ids int32), [num_tokens, top_k]."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(16, 4096 // block_e))
+    if num_tokens:
+        _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
+            router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+    return weights, ids
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    hist = tl.histogram(tl.load(ids_ptr + offs, mask=ok, other=0), BLOCK_E, mask=ok)
+    experts = tl.arange(0, BLOCK_E)
+    tl.atomic_add(counts_ptr + experts, hist, mask=(experts < num_experts) & (hist > 0))
+
+
+@triton.jit
+def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: each expert's first row (its run padded to BLOCK_M), each block's expert."""
+    experts = tl.arange(0, BLOCK_E)
+    ok = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=ok, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + experts, ends - padded, mask=ok)
+    total = tl.sum(padded, 0)
+    for first in range(0, num_blocks, BLOCK_B):
+        blocks = first + tl.arange(0, BLOCK_B)
+        starts = blocks * BLOCK_M
+        # the block's expert: how many runs end at or before its first row (empty runs included)
+        owner = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), 1)
+        tl.store(block_experts_ptr + blocks, tl.where(starts < total, owner, -1), mask=blocks < num_blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    expert = tl.load(ids_ptr + offs, mask=ok, other=0)
+    row = tl.atomic_add(cursor_ptr + expert, 1, mask=ok)  # NOTE: any order within an expert: rows are independent
+    tl.store(pair_ids_ptr + row, offs, mask=ok)
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Sort the pairs of `topk_ids` [num_tokens, top_k] by expert, each expert's run padded
+    """Group the pairs of `topk_ids` [num_tokens, top_k] by expert, each expert's run padded
     to a multiple of `block_m` rows. No host sync: every size depends on shapes only."""
     num_pairs = topk_ids.numel()
-    flat = topk_ids.flatten().long()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))  # NOTE: not bincount, whose output size syncs
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = padded.cumsum(0)                              # [E]: each expert's padded run ends here
-    order = torch.argsort(flat, stable=True)             # pair ids grouped by expert, in token order
-    sorted_experts = flat[order]
-    rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
-    max_rows = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
-    max_rows = triton.cdiv(max_rows, block_m) * block_m
-    pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=flat.device)
-    pair_ids[(ends - padded)[sorted_experts] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(0, max_rows, block_m, device=flat.device)
-    experts = torch.searchsorted(ends, block_starts, right=True)  # the expert whose run holds the block
-    block_experts = torch.where(block_starts < ends[-1], experts, -1).to(torch.int32)
+    ids = topk_ids.flatten().to(torch.int32)
+    max_rows = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
+    block_experts = torch.empty(max_rows // block_m, dtype=torch.int32, device=ids.device)
+    block_e = triton.next_power_of_2(num_experts)
+    grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
+    _count_kernel[grid](ids, counts, num_pairs, num_experts, BLOCK=PAIRS_PER_PROGRAM, BLOCK_E=block_e)
+    _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
+                       BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e))
+    _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     return ExpertBlocks(pair_ids, block_experts)
 
 

@@ -26,9 +26,15 @@ class Routing(NamedTuple):
 
 def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
     """Softmax over all experts in float32, then the top k (renormalized to sum to 1 when
-    `renormalize`, HF's norm_topk_prob).
+    `renormalize`, HF's norm_topk_prob); on CUDA one Triton kernel."""
+    if fused_kernels_enabled(router_logits):
+        from nanovllm.kernels.fused_moe import topk_softmax
+        return Routing(*topk_softmax(router_logits, top_k, renormalize))
+    return select_experts_reference(router_logits, top_k, renormalize)
 
-    NOTE: ties go to the lowest expert id (a stable descending sort), so routing never
+
+def select_experts_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+    """NOTE: ties go to the lowest expert id (a stable descending sort), so routing never
     depends on the sort kernel: torch.topk leaves the order of equal values unspecified."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [num_tokens, num_experts]
     weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)

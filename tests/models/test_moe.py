@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import ModelConfig
-from nanovllm.layers.fused_moe import select_experts
+from nanovllm.layers.fused_moe import select_experts_reference as select_experts
 from nanovllm.models import build_model
 from nanovllm.utils.loader import DUMMY_INIT_RANGE, init_dummy_weights
 from tests.conftest import VOCAB
