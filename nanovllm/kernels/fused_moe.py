@@ -6,8 +6,8 @@
    expert (count, scan, scatter: three small kernels). No host sync: sizes depend only on
    num_tokens (at most num_pairs + min(E, num_pairs) * (BLOCK_M - 1) rows), so a CUDA graph
    can capture it.
-2. `_gate_up_kernel`: per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
-3. `_down_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
+2. `_expert_gemm_kernel` (gated): per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
+3. `_expert_gemm_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
 4. A sum over each token's top_k rows.
 Decode is bound by reading the touched experts' weights: BLOCK_M is chosen per batch-size
 bucket (`TILE_TABLE`) so that most experts fill one block and are read once.
@@ -96,12 +96,10 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_pairs
-    hist = tl.histogram(tl.load(ids_ptr + offs, mask=ok, other=0), BLOCK_E, mask=ok)
-    experts = tl.arange(0, BLOCK_E)
-    tl.atomic_add(counts_ptr + experts, hist, mask=(experts < num_experts) & (hist > 0))
+    tl.atomic_add(counts_ptr + tl.load(ids_ptr + offs, mask=ok, other=0), 1, mask=ok)
 
 
 @triton.jit
@@ -144,7 +142,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     block_experts = torch.empty(max_rows // block_m, dtype=torch.int32, device=ids.device)
     block_e = triton.next_power_of_2(num_experts)
     grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
-    _count_kernel[grid](ids, counts, num_pairs, num_experts, BLOCK=PAIRS_PER_PROGRAM, BLOCK_E=block_e)
+    _count_kernel[grid](ids, counts, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
                        BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e))
     _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
@@ -152,60 +150,52 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, out_ptr, pair_ids_ptr, block_experts_ptr, num_pairs, top_k, hidden, inter,
-                    stride_x, stride_we, stride_wn, stride_out,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """out[pair, n] = silu(x[token] . w[e, n]) * (x[token] . w[e, inter + n]) for one block of pairs."""
+def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pair_ids_ptr, block_experts_ptr, weights_ptr, num_pairs,
+                        pairs_per_a_row, n_size, k_size, stride_a, stride_we, stride_wn, stride_out,
+                        GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One block of pairs (all of one expert e) x one tile of n:
+    GATED (gate/up): out[pair, n] = silu(a[row] . w[e, n]) * (a[row] . w[e, n_size + n]), row = pair // top_k;
+    else (down):     out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n])."""
     expert = tl.load(block_experts_ptr + tl.program_id(0))
     if expert < 0:
         return
     pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
-    tokens = (pairs // top_k).to(tl.int64)
+    a_rows = (pairs // pairs_per_a_row).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < inter
+    col_ok = cols < n_size
     ks = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tokens[:, None] * stride_x + ks[None, :]                              # [BLOCK_M, BLOCK_K]
-    gate_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
-    up_ptrs = gate_ptrs + inter * stride_wn
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, hidden, BLOCK_K):
-        k_ok = k + ks < hidden
-        a = tl.load(x_ptrs + k, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        acc_gate = tl.dot(a, tl.load(gate_ptrs + k, mask=w_mask, other=0.0), acc_gate, input_precision=PRECISION)
-        acc_up = tl.dot(a, tl.load(up_ptrs + k, mask=w_mask, other=0.0), acc_up, input_precision=PRECISION)
-    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
-    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :]
-    tl.store(out_ptrs, act.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
-
-
-@triton.jit
-def _down_kernel(h_ptr, w_ptr, out_ptr, pair_ids_ptr, block_experts_ptr, weights_ptr, num_pairs, inter, hidden,
-                 stride_h, stride_we, stride_wn, stride_out,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """out[pair, n] = weight[pair] * (h[pair] . w[e, n]) for one block of pairs."""
-    expert = tl.load(block_experts_ptr + tl.program_id(0))
-    if expert < 0:
-        return
-    pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
-    valid = pairs < num_pairs
-    rows = pairs.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < hidden
-    ks = tl.arange(0, BLOCK_K)
-    h_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]                                    # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, inter, BLOCK_K):
-        k_ok = k + ks < inter
-        a = tl.load(h_ptrs + k, mask=valid[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptrs + k, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    acc *= tl.load(weights_ptr + rows, mask=valid, other=0.0)[:, None]
-    out_ptrs = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, k_size, BLOCK_K):
+        k_ok = k + ks < k_size
+        a = tl.load(a_ptrs + k, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc = tl.dot(a, tl.load(w_ptrs + k, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
+        if GATED:
+            up = tl.load(w_ptrs + n_size * stride_wn + k, mask=w_mask, other=0.0)
+            acc_up = tl.dot(a, up, acc_up, input_precision=PRECISION)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    else:
+        acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+def _expert_gemm(a, w, out, blocks: ExpertBlocks, weights, pairs_per_a_row: int, gated: bool,
+                 tiles: MoeTiles) -> None:
+    n_size, k_size = out.shape[1], a.shape[1]
+    # float32 inputs: full-precision dots (tl.dot would use TF32); bf16/fp16 ignore this
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _expert_gemm_kernel[(blocks.block_experts.numel(), triton.cdiv(n_size, tiles.block_n))](
+        a, w, out, blocks.pair_ids, blocks.block_experts, weights, out.shape[0], pairs_per_a_row, n_size, k_size,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=precision, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
@@ -219,22 +209,11 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
     if num_tokens == 0:
         return torch.zeros_like(x)
     tiles = tiles or tiles_for(num_tokens)
-    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    blocks = align_by_expert(topk_ids, num_experts, bm)
-    num_pairs, num_blocks = num_tokens * top_k, blocks.block_experts.numel()
-    # float32 inputs: full-precision dots (tl.dot would use TF32); bf16/fp16 ignore this
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    blocks = align_by_expert(topk_ids, num_experts, tiles.block_m)
+    num_pairs = num_tokens * top_k
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(num_blocks, triton.cdiv(inter, bn))](
-        x, gate_up, h, blocks.pair_ids, blocks.block_experts, num_pairs, top_k, hidden, inter,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), h.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _down_kernel[(num_blocks, triton.cdiv(hidden, bn))](
-        h, down, out, blocks.pair_ids, blocks.block_experts, topk_weights.float().contiguous(), num_pairs, inter,
-        hidden, h.stride(0), down.stride(0), down.stride(1), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=precision,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)       # silu(gate) * up per pair
+    _expert_gemm(x, gate_up, h, blocks, topk_weights, top_k, gated=True, tiles=tiles)
+    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)    # weighted expert output per pair
+    _expert_gemm(h, down, out, blocks, topk_weights.float().contiguous(), 1, gated=False, tiles=tiles)
     return out.view(num_tokens, top_k, hidden).sum(dim=1)
