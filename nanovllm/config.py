@@ -8,6 +8,7 @@ import torch
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 with per-token scales
+LOAD_FORMATS = ("auto", "dummy")  # auto: the safetensors files; dummy: small random weights, no files read
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -42,6 +43,7 @@ class Config:
     attention_backend: str = "auto"       # auto: flash if importable on CUDA, else triton; torch on CPU
     kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8: e4m3, half the bytes (triton/torch)
     seed: int = 0                         # seeds the shared sampling generator
+    load_format: str = "auto"             # "dummy": random weights in place (benchmarks without weight files)
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and len(self.model) > 0, "model", self.model, "a non-empty path")
@@ -69,6 +71,7 @@ class Config:
         if self.attention_backend == "flash" and self.kv_cache_dtype == "fp8":
             raise ValueError("attention_backend 'flash' cannot read an fp8 KV cache (kv_cache_dtype 'fp8'); "
                              "use attention_backend 'triton' or 'auto'")
+        _check(self.load_format in LOAD_FORMATS, "load_format", self.load_format, f"one of {list(LOAD_FORMATS)}")
         # torch.Generator.manual_seed takes [-2**63, 2**64)
         _check(_is_int(self.seed) and -2**63 <= self.seed < 2**64, "seed", self.seed, "an integer in [-2**63, 2**64)")
         if self.device is not None and self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -103,6 +106,24 @@ def read_hf_config(path: str) -> dict:
         return json.load(f)
 
 
+def _moe_fields(hf: dict) -> dict:
+    """The mixture-of-experts fields of an HF config; {} for a dense model.
+
+    NOTE: transformers v5 saves Qwen3-MoE's expert count as num_local_experts."""
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts") or 0
+    if not num_experts:
+        return {}
+    top_k = hf.get("num_experts_per_tok", 0)
+    _check(_is_int(top_k) and 1 <= top_k <= num_experts, "config.json num_experts_per_tok", top_k,
+           f"an integer in [1, num_experts={num_experts}]")
+    step = hf.get("decoder_sparse_step", 1)
+    _check(_is_int(step) and step >= 1, "config.json decoder_sparse_step", step, "an integer >= 1")
+    return dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=hf["moe_intermediate_size"],
+                norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()), decoder_sparse_step=step,
+                shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size", 0))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The HF config.json, normalized once so model code reads plain fields."""
@@ -124,6 +145,14 @@ class ModelConfig:
     mlp_bias: bool            # biased gate/up/down projections (Llama with mlp_bias)
     qk_norm: bool             # per-head RMSNorm on q and k (Qwen3)
     torch_dtype: str
+    # mixture of experts (Qwen3-MoE, Qwen2-MoE); num_experts 0: a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False              # renormalize the top-k routing weights to sum to 1
+    mlp_only_layers: tuple[int, ...] = ()     # layers that keep a dense MLP
+    decoder_sparse_step: int = 1              # every step-th layer (1-based) is sparse
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert; 0: none
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -154,22 +183,31 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             # NOTE: HF's Qwen2 always biases q/k/v, whatever its config says
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            o_proj_bias=bool(hf.get("attention_bias", False)) and arch != "Qwen2ForCausalLM",
+            attention_bias=(arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False))
+                            or (arch == "Qwen2MoeForCausalLM" and bool(hf.get("qkv_bias", True)))),
+            o_proj_bias=bool(hf.get("attention_bias", False)) and not arch.startswith("Qwen2"),
             mlp_bias=bool(hf.get("mlp_bias", False)) and arch == "LlamaForCausalLM",
-            qk_norm=hf.get("model_type") == "qwen3" or arch == "Qwen3ForCausalLM",
+            qk_norm=hf.get("model_type") in ("qwen3", "qwen3_moe") or arch.startswith("Qwen3"),
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32").replace("torch.", ""),
+            **_moe_fields(hf),
         )
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
         return cls.from_hf(read_hf_config(path))
 
+    def is_sparse_layer(self, layer_id: int) -> bool:
+        """Whether decoder layer `layer_id` (0-based) routes through experts (HF's rule)."""
+        return (self.num_experts > 0 and layer_id not in self.mlp_only_layers
+                and (layer_id + 1) % self.decoder_sparse_step == 0)
+
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise before any work if the model cannot be split over `tp` ranks."""
         kv = self.num_key_value_heads
         for name, value in (("num_attention_heads", self.num_attention_heads), ("vocab_size", self.vocab_size),
-                            ("intermediate_size", self.intermediate_size)):
+                            ("intermediate_size", self.intermediate_size),
+                            ("moe_intermediate_size", self.moe_intermediate_size),
+                            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size)):
             if value % tp:
                 raise ValueError(f"tensor_parallel_size {tp} must divide {name} ({value})")
         if kv % tp and tp % kv:

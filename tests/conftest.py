@@ -25,6 +25,14 @@ VARIANTS = {
                                     original_max_position_embeddings=256)),
     "llama-untied-bias": dict(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True,
                               mlp_bias=True),
+    "qwen3-moe": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    # layers 0 and 2 dense by decoder_sparse_step, layer 3 by mlp_only_layers: only layer 1 is sparse
+    "qwen3-moe-dense-layers": dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=8,
+                                   num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=False,
+                                   num_hidden_layers=4, decoder_sparse_step=2, mlp_only_layers=[3]),
+    "qwen2-moe": dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48),
 }
 
 

@@ -62,7 +62,7 @@ class ModelRunner:
                 model = build_model(self.model_config, self.max_model_len)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_model(model, self.config.model)
+        load_model(model, self.config.model, self.config.load_format)
         return model.eval()
 
     @torch.inference_mode()

@@ -3,6 +3,7 @@ from torch import nn
 
 from nanovllm.config import ModelConfig
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.qwen3_moe import Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 # Qwen2 and Llama are Qwen3 without q/k norm (Qwen2: biased qkv; Llama: llama3 RoPE scaling,
 # optional attention/MLP biases); ModelConfig.from_hf sets those flags.
@@ -10,6 +11,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2ForCausalLM": Qwen3ForCausalLM,
     "LlamaForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
 }
 
 

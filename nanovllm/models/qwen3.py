@@ -5,6 +5,8 @@ RMSNorm on q and k; Qwen2 has biased q/k/v projections; Llama may scale RoPE (ll
 and bias its projections (attention_bias, mlp_bias).
 Module names match the HF checkpoint keys, so the loader maps weights by name.
 """
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -59,11 +61,11 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2,
-                                                       bias=cfg.mlp_bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, bias=cfg.mlp_bias)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +73,10 @@ class Qwen3MLP(nn.Module):
 
 
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
+    def __init__(self, cfg: ModelConfig, max_position: int, mlp: nn.Module):
         super().__init__()
         self.self_attn = Qwen3Attention(cfg, max_position)
-        self.mlp = Qwen3MLP(cfg)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -89,10 +91,11 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_position: int):
+    def __init__(self, cfg: ModelConfig, max_position: int, make_mlp: Callable[[ModelConfig, int], nn.Module]):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg, max_position) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([Qwen3DecoderLayer(cfg, max_position, make_mlp(cfg, i))
+                                     for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
@@ -115,11 +118,16 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
-        self.model = Qwen3Model(cfg, max_position)
+        self.model = Qwen3Model(cfg, max_position, self.make_mlp)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tie_word_embeddings = cfg.tie_word_embeddings
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, layer_id: int) -> nn.Module:
+        """Decoder layer `layer_id`'s MLP (the MoE models route some layers to experts)."""
+        return Qwen3MLP(cfg)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [num_tokens] -> hidden states [num_tokens, hidden_size]."""

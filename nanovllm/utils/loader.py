@@ -1,6 +1,7 @@
 """Stream a safetensors checkpoint into a model's parameters, shard by shard."""
 import glob
 import os
+import zlib
 
 import torch
 from safetensors import safe_open
@@ -8,6 +9,8 @@ from torch import nn
 
 # checkpoint keys that carry no parameter of ours
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# load_format "dummy": weights uniform in +-this (vLLM's choice): small enough that bf16 activations stay finite
+DUMMY_INIT_RANGE = 1e-3
 
 
 def check_shape(loaded: torch.Tensor, expected) -> None:
@@ -34,15 +37,29 @@ def _route(name: str, packed: dict) -> tuple[str, object]:
 
 
 @torch.no_grad()
-def load_model(model: nn.Module, path: str) -> None:
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter in place, on its device, uniformly in +-DUMMY_INIT_RANGE. Each
+    parameter's generator is seeded by its name, so every rank and every run draws the same."""
+    for name, param in model.named_parameters():
+        generator = torch.Generator(device=param.device).manual_seed(seed + zlib.crc32(name.encode()))
+        param.uniform_(-DUMMY_INIT_RANGE, DUMMY_INIT_RANGE, generator=generator)
+
+
+@torch.no_grad()
+def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
     """Load every `*.safetensors` tensor under `path` through its parameter's
     `weight_loader`; raise if a parameter (or fused shard) is missing, loaded twice, or a
-    checkpoint key has no parameter."""
+    checkpoint key has no parameter. load_format "dummy" reads no file: random weights."""
+    if load_format == "dummy":
+        init_dummy_weights(model)
+        return
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in model directory {path!r}")
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules_mapping", {})
+    # a model may claim keys its packed mapping cannot express (experts stacked into one tensor)
+    route_special = getattr(model, "route_checkpoint_key", lambda key: None)
     expected = {(n, s) for n, p in params.items() for s in getattr(p, "shard_ids", [None])}
     loaded, unexpected = set(), []
     for file in files:
@@ -50,7 +67,7 @@ def load_model(model: nn.Module, path: str) -> None:
             for key in f.keys():
                 if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and model.tie_word_embeddings):
                     continue
-                name, shard_id = _route(key, packed)
+                name, shard_id = route_special(key) or _route(key, packed)
                 if name not in params:
                     unexpected.append(key)
                     continue

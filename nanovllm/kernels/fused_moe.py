@@ -1,0 +1,219 @@
+"""Fused mixture-of-experts on CUDA: two grouped GEMMs over expert-aligned blocks.
+
+0. `topk_softmax`: the router's softmax and top-k in one kernel.
+1. `align_by_expert`: the num_tokens * top_k (token, expert) pairs, grouped by expert and
+   each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M rows share one
+   expert (count, scan, scatter: three small kernels). No host sync: sizes depend only on
+   num_tokens (at most num_pairs + min(E, num_pairs) * (BLOCK_M - 1) rows), so a CUDA graph
+   can capture it.
+2. `_expert_gemm_kernel` (gated): per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
+3. `_expert_gemm_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
+4. A sum over each token's top_k rows.
+Decode is bound by reading the touched experts' weights: BLOCK_M is chosen per batch-size
+bucket (`TILE_TABLE`) so that most experts fill one block and are read once.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+class MoeTiles(NamedTuple):
+    block_m: int      # rows (token-expert pairs) per program: each program reads one expert's tile
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+# (largest num_tokens, tiles). A starting point for the H200, to be measured by
+# benchmarks/fused_moe.py. Qwen3-30B-A3B routes num_tokens * 8 pairs over 128 experts: ~1 row
+# per touched expert at 16 tokens, 4 at 64, 16 at 256, 32 at 512, hence BLOCK_M 16/16/32/64.
+TILE_TABLE: tuple[tuple[int, MoeTiles], ...] = (
+    (16, MoeTiles(16, 32, 128, 4, 4)),
+    (64, MoeTiles(16, 64, 128, 4, 3)),
+    (256, MoeTiles(32, 64, 128, 4, 3)),
+    (512, MoeTiles(64, 64, 128, 4, 3)),
+    (1 << 62, MoeTiles(64, 128, 64, 8, 3)),   # prefill: compute bound, larger tiles
+)
+
+
+def tiles_for(num_tokens: int) -> MoeTiles:
+    return next(tiles for limit, tiles in TILE_TABLE if num_tokens <= limit)
+
+
+class ExpertBlocks(NamedTuple):
+    pair_ids: torch.Tensor       # [max_rows] int32: pair (token * top_k + slot) per row; num_pairs = padding
+    block_experts: torch.Tensor  # [max_rows // BLOCK_M] int32: each block's expert; -1 = unused block
+
+
+PAIRS_PER_PROGRAM = 1024
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_E: tl.constexpr):
+    """Softmax over the experts in float32, then the top k, ties to the lowest expert id."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < num_tokens
+    safe_rows = tl.minimum(rows, num_tokens - 1)  # rows past the end repeat the last one (never stored)
+    logits = tl.load(logits_ptr + safe_rows[:, None] * stride + cols[None, :],
+                     mask=cols[None, :] < num_experts, other=float("-inf")).to(tl.float32)
+    probs = tl.exp(logits - tl.max(logits, 1)[:, None])
+    probs = probs / tl.sum(probs, 1)[:, None]               # [BLOCK_T, BLOCK_E]; padding columns are 0
+    scale = tl.full((BLOCK_T,), 1.0, tl.float32)
+    if RENORMALIZE:  # a first pass for the sum of the top k
+        left, total = probs, tl.zeros((BLOCK_T,), tl.float32)
+        for _ in tl.static_range(TOP_K):
+            best = tl.max(left, 1)
+            pick = tl.min(tl.where(left == best[:, None], cols[None, :], BLOCK_E), 1)
+            left = tl.where(cols[None, :] == pick[:, None], -1.0, left)  # NOTE: below every probability
+            total += best
+        scale = 1.0 / total
+    for j in tl.static_range(TOP_K):
+        best = tl.max(probs, 1)
+        pick = tl.min(tl.where(probs == best[:, None], cols[None, :], BLOCK_E), 1)  # the lowest id of a tie
+        probs = tl.where(cols[None, :] == pick[:, None], -1.0, probs)
+        tl.store(weights_ptr + rows * TOP_K + j, best * scale, mask=row_ok)
+        tl.store(ids_ptr + rows * TOP_K + j, pick, mask=row_ok)
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layers.fused_moe.select_experts` in one kernel: (weights float32, ids int32), [num_tokens, top_k]."""
+    num_tokens, num_experts = router_logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    block_e = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(16, 4096 // block_e))
+    if num_tokens:
+        _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
+            router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
+            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+    return weights, ids
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    tl.atomic_add(counts_ptr + tl.load(ids_ptr + offs, mask=ok, other=0), 1, mask=ok)
+
+
+@triton.jit
+def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: each expert's first row (its run padded to BLOCK_M), each block's expert."""
+    experts = tl.arange(0, BLOCK_E)
+    ok = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=ok, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, 0)
+    tl.store(cursor_ptr + experts, ends - padded, mask=ok)
+    total = tl.sum(padded, 0)
+    for first in range(0, num_blocks, BLOCK_B):
+        blocks = first + tl.arange(0, BLOCK_B)
+        starts = blocks * BLOCK_M
+        # the block's expert: how many runs end at or before its first row (empty runs included)
+        owner = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), 1)
+        tl.store(block_experts_ptr + blocks, tl.where(starts < total, owner, -1), mask=blocks < num_blocks)
+
+
+@triton.jit
+def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < num_pairs
+    expert = tl.load(ids_ptr + offs, mask=ok, other=0)
+    row = tl.atomic_add(cursor_ptr + expert, 1, mask=ok)  # NOTE: any order within an expert: rows are independent
+    tl.store(pair_ids_ptr + row, offs, mask=ok)
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
+    """Group the pairs of `topk_ids` [num_tokens, top_k] by expert, each expert's run padded
+    to a multiple of `block_m` rows. No host sync: every size depends on shapes only."""
+    num_pairs = topk_ids.numel()
+    ids = topk_ids.flatten().to(torch.int32)
+    max_rows = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    cursor = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
+    block_experts = torch.empty(max_rows // block_m, dtype=torch.int32, device=ids.device)
+    block_e = triton.next_power_of_2(num_experts)
+    grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
+    _count_kernel[grid](ids, counts, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
+    _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
+                       BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e))
+    _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
+    return ExpertBlocks(pair_ids, block_experts)
+
+
+@triton.jit
+def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pair_ids_ptr, block_experts_ptr, weights_ptr, num_pairs,
+                        pairs_per_a_row, n_size, k_size, stride_a, stride_we, stride_wn, stride_out,
+                        GATED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """One block of pairs (all of one expert e) x one tile of n:
+    GATED (gate/up): out[pair, n] = silu(a[row] . w[e, n]) * (a[row] . w[e, n_size + n]), row = pair // top_k;
+    else (down):     out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n])."""
+    expert = tl.load(block_experts_ptr + tl.program_id(0))
+    if expert < 0:
+        return
+    pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = pairs < num_pairs
+    a_rows = (pairs // pairs_per_a_row).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_size
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]                                    # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn + ks[:, None]  # [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, k_size, BLOCK_K):
+        k_ok = k + ks < k_size
+        a = tl.load(a_ptrs + k, mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        acc = tl.dot(a, tl.load(w_ptrs + k, mask=w_mask, other=0.0), acc, input_precision=PRECISION)
+        if GATED:
+            up = tl.load(w_ptrs + n_size * stride_wn + k, mask=w_mask, other=0.0)
+            acc_up = tl.dot(a, up, acc_up, input_precision=PRECISION)
+    if GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    else:
+        acc *= tl.load(weights_ptr + pairs, mask=valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_out + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+def _expert_gemm(a, w, out, blocks: ExpertBlocks, weights, pairs_per_a_row: int, gated: bool,
+                 tiles: MoeTiles) -> None:
+    n_size, k_size = out.shape[1], a.shape[1]
+    # float32 inputs: full-precision dots (tl.dot would use TF32); bf16/fp16 ignore this
+    precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    _expert_gemm_kernel[(blocks.block_experts.numel(), triton.cdiv(n_size, tiles.block_n))](
+        a, w, out, blocks.pair_ids, blocks.block_experts, weights, out.shape[0], pairs_per_a_row, n_size, k_size,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=precision, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages)
+
+
+def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    """x [num_tokens, hidden], gate_up [E, 2 * inter, hidden], down [E, hidden, inter],
+    topk_weights (float32) / topk_ids [num_tokens, top_k] -> [num_tokens, hidden]:
+    sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])."""
+    num_tokens, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    num_experts, inter = down.shape[0], down.shape[2]
+    if num_tokens == 0:
+        return torch.zeros_like(x)
+    tiles = tiles or tiles_for(num_tokens)
+    blocks = align_by_expert(topk_ids, num_experts, tiles.block_m)
+    num_pairs = num_tokens * top_k
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)       # silu(gate) * up per pair
+    _expert_gemm(x, gate_up, h, blocks, topk_weights, top_k, gated=True, tiles=tiles)
+    out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)    # weighted expert output per pair
+    _expert_gemm(h, down, out, blocks, topk_weights.float().contiguous(), 1, gated=False, tiles=tiles)
+    return out.view(num_tokens, top_k, hidden).sum(dim=1)
