@@ -84,6 +84,14 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
     logits_indices = cu_q[1:][samples].astype(np.int64) - 1
     sampling = build_sampling_tensors([batch.seqs[i] for i in samples], eos_token_ids)
 
+    # a mixed step's leading one-token rows (the decodes) attend through the decode kernel
+    num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else 0
+    prefill = {}
+    if num_decodes:
+        d = num_decodes
+        prefill = dict(num_decodes=d, prefill_cu_seqlens_q=torch.from_numpy(cu_q[d:] - cu_q[d]),
+                       prefill_cu_seqlens_k=torch.from_numpy(cu_k[d:] - cu_k[d]),
+                       prefill_max_seqlen_q=int(counts[d:].max()), prefill_has_cached_kv=bool((starts[d:] > 0).any()))
     meta = AttentionMetadata(
         slot_mapping=torch.from_numpy(slot_mapping),
         cu_seqlens_q=torch.from_numpy(cu_q),
@@ -95,6 +103,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
         logits_indices=torch.from_numpy(logits_indices),
         is_decode=bool((counts == 1).all()),
         has_cached_kv=bool((starts > 0).any()),
+        **prefill,
     )
     deferred = (torch.tensor(deferred_index, dtype=torch.int64), torch.tensor(deferred_prev_row, dtype=torch.int64)
                 ) if deferred_index else (None, None)
