@@ -12,6 +12,8 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import SamplingTensors
 from nanovllm.utils.context import AttentionMetadata
 
+ALIGN = 16  # bytes: every tensor in the staging buffer starts aligned for any dtype
+
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -26,9 +28,31 @@ class StepInputs:
     deferred_prev_row: torch.Tensor | None = None   # [num_deferred] int64
 
     def to(self, device: torch.device) -> "StepInputs":
+        """Every tensor on `device`, through one pinned staging buffer and one copy (a
+        copy per tensor would cost a launch each on the host's critical path)."""
         if device.type == "cpu":
             return self
-        return _map_tensors(self, lambda t: t.pin_memory().to(device, non_blocking=True))
+        tensors, offsets, total = list(_tensors(self)), [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        staging = torch.empty(max(total, ALIGN), dtype=torch.uint8, pin_memory=True)
+        for t, start in zip(tensors, offsets):
+            staging[start:start + t.numel() * t.element_size()].view(t.dtype).copy_(t.reshape(-1))
+        on_device = staging.to(device, non_blocking=True)
+        views = iter(on_device[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                     for t, start in zip(tensors, offsets))
+        return _map_tensors(self, lambda t: next(views))
+
+
+def _tensors(obj):
+    """Every tensor field of a (nested) frozen dataclass, in `_map_tensors`' order."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif hasattr(value, "__dataclass_fields__"):
+            yield from _tensors(value)
 
 
 def _map_tensors(obj, fn):
