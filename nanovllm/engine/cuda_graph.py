@@ -47,7 +47,9 @@ class DecodeGraphs:
             logits_indices=self.cu_seqlens[:bs].long(), is_decode=True, has_cached_kv=True)
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool=None) -> None:
+        """`pool`: a graph memory pool to share (the piecewise graphs')."""
+        self.pool = pool
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool
             graph = torch.cuda.CUDAGraph()
             meta = self._meta(bs)

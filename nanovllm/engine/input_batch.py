@@ -12,6 +12,8 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.layers.sampler import SamplingTensors
 from nanovllm.utils.context import AttentionMetadata
 
+ALIGN = 16  # bytes: every tensor in the staging buffer starts aligned for any dtype
+
 
 @dataclass(frozen=True)
 class StepInputs:
@@ -26,9 +28,31 @@ class StepInputs:
     deferred_prev_row: torch.Tensor | None = None   # [num_deferred] int64
 
     def to(self, device: torch.device) -> "StepInputs":
+        """Every tensor on `device`, through one pinned staging buffer and one copy (a
+        copy per tensor would cost a launch each on the host's critical path)."""
         if device.type == "cpu":
             return self
-        return _map_tensors(self, lambda t: t.pin_memory().to(device, non_blocking=True))
+        tensors, offsets, total = list(_tensors(self)), [], 0
+        for t in tensors:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // ALIGN) * ALIGN
+        staging = torch.empty(max(total, ALIGN), dtype=torch.uint8, pin_memory=True)
+        for t, start in zip(tensors, offsets):
+            staging[start:start + t.numel() * t.element_size()].view(t.dtype).copy_(t.reshape(-1))
+        on_device = staging.to(device, non_blocking=True)
+        views = iter(on_device[start:start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+                     for t, start in zip(tensors, offsets))
+        return _map_tensors(self, lambda t: next(views))
+
+
+def _tensors(obj):
+    """Every tensor field of a (nested) frozen dataclass, in `_map_tensors`' order."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif hasattr(value, "__dataclass_fields__"):
+            yield from _tensors(value)
 
 
 def _map_tensors(obj, fn):
@@ -84,6 +108,14 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
     logits_indices = cu_q[1:][samples].astype(np.int64) - 1
     sampling = build_sampling_tensors([batch.seqs[i] for i in samples], eos_token_ids)
 
+    # a mixed step's leading one-token rows (the decodes) attend through the decode kernel
+    num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else 0
+    prefill = {}
+    if num_decodes:
+        d = num_decodes
+        prefill = dict(num_decodes=d, prefill_cu_seqlens_q=torch.from_numpy(cu_q[d:] - cu_q[d]),
+                       prefill_cu_seqlens_k=torch.from_numpy(cu_k[d:] - cu_k[d]),
+                       prefill_max_seqlen_q=int(counts[d:].max()), prefill_has_cached_kv=bool((starts[d:] > 0).any()))
     meta = AttentionMetadata(
         slot_mapping=torch.from_numpy(slot_mapping),
         cu_seqlens_q=torch.from_numpy(cu_q),
@@ -95,6 +127,7 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
         logits_indices=torch.from_numpy(logits_indices),
         is_decode=bool((counts == 1).all()),
         has_cached_kv=bool((starts > 0).any()),
+        **prefill,
     )
     deferred = (torch.tensor(deferred_index, dtype=torch.int64), torch.tensor(deferred_prev_row, dtype=torch.int64)
                 ) if deferred_index else (None, None)

@@ -8,6 +8,8 @@ from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import StepInputs
 from nanovllm.engine.kv_cache import KVCachePool, block_bytes, kv_cache_dtype
+from nanovllm.engine.piecewise_graphs import MAX_TOKENS as PIECEWISE_MAX_TOKENS
+from nanovllm.engine.piecewise_graphs import PiecewiseGraphs
 from nanovllm.engine.sampling_batch import PendingOutput
 from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.sampler import Sampler
@@ -39,7 +41,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.prev_sampled = None   # the last step's sampled ids, on the device (overlap scheduling)
-        self.graphs = self._capture_graphs()
+        self.graphs, self.piecewise_graphs = self._capture_graphs()
 
     # ---- construction ----------------------------------------------------------------
     def _init_distributed(self, init_method: str | None) -> None:
@@ -121,13 +123,16 @@ class ModelRunner:
                                    m.head_dim, kv_cache_dtype(self.config.kv_cache_dtype, self.dtype), self.device)
         self.kv_pool.bind(self.model.attention_layers(), self.backend)
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
+    def _capture_graphs(self) -> tuple[DecodeGraphs | None, PiecewiseGraphs | None]:
+        """Whole-model graphs for decode steps, piecewise ones for steps with prefill chunks."""
         if self.config.enforce_eager or self.device.type != "cuda":
-            return None
+            return None, None
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.max_model_len, self.block_size,
                               self.model_config.hidden_size, self.dtype, self.device)
-        graphs.capture()
-        return graphs
+        pieces = PiecewiseGraphs(self.model, min(self.config.max_num_batched_tokens, PIECEWISE_MAX_TOKENS),
+                                 self.dtype, self.device)
+        graphs.capture(pieces.capture())
+        return graphs, pieces
 
     # ---- the step ----------------------------------------------------------------------
     @torch.inference_mode()
@@ -135,6 +140,8 @@ class ModelRunner:
         """Logits [num_sampled, vocab] on rank 0, None on other ranks."""
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
+        elif self.piecewise_graphs is not None and self.piecewise_graphs.can_run(inputs):
+            hidden = self.piecewise_graphs.run(inputs)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
@@ -165,9 +172,10 @@ class ModelRunner:
         """Free CUDA graphs, then the process group. `abort`: a peer died, so pending
         NCCL work can never finish; abort the communicators instead of waiting for it."""
         # NOTE: CUDA graphs hold communicator state: free them before the process group
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        for graphs in (self.graphs, self.piecewise_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.piecewise_graphs = None
         if not dist.is_initialized():
             return
         if abort and dist.get_backend() == "nccl":

@@ -25,5 +25,14 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.k_cache.numel():
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta, self.k_scale, self.v_scale)
+            if meta.split is not None:  # a mixed step: decodes and prefill chunks through their own kernels
+                d = meta.num_decodes
+                out = torch.empty_like(q)
+                for rows, part in ((slice(None, d), meta.split[0]), (slice(d, None), meta.split[1])):
+                    out[rows] = self._attend(q[rows], k[rows], v[rows], part)
+                return out
+        return self._attend(q, k, v, meta)
+
+    def _attend(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale,
                                     self.v_scale)

@@ -6,13 +6,30 @@ loaded_weight[, shard_id])` that copies this rank's shard of a checkpoint tensor
 rank the shard is the whole tensor. Fused layers (QKV, gate/up) list their `shard_ids`
 so the loader can check that every shard was loaded exactly once.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels import fused_kernels_enabled
 from nanovllm.utils.loader import check_shape
 from nanovllm.utils.loader import default_weight_loader as _copy
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
+
+
+SKINNY_MAX_ROWS = 8  # nanovllm.kernels.skinny_gemm.MAX_ROWS (not imported: it imports Triton)
+
+
+def skinny_gemm_enabled(x: torch.Tensor) -> bool:
+    return fused_kernels_enabled(x) and os.environ.get("NANOVLLM_SKINNY_GEMM", "1") != "0"
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.shape[0] <= SKINNY_MAX_ROWS and skinny_gemm_enabled(x):  # small decode batches: bound by reading W
+        from nanovllm.kernels.skinny_gemm import skinny_linear
+        return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -28,7 +45,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -115,5 +132,5 @@ class RowParallelLinear(LinearBase):
         _copy(param, loaded.narrow(1, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(F.linear(x, self.weight))
+        y = all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

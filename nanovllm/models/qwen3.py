@@ -38,6 +38,12 @@ class Qwen3Attention(nn.Module):
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.project(positions, hidden)
+        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
+
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """hidden [num_tokens, hidden_size] -> q [num_tokens, num_heads, head_dim], k and v
+        [num_tokens, num_kv_heads, head_dim]: normed (Qwen3) and rotated, ready for attention."""
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -45,9 +51,7 @@ class Qwen3Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self._norm_and_rotate(positions, q, k)
-        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.flatten(1))
-
+        return q, k, v
 
     def _norm_and_rotate(self, positions, q, k):
         """Per-head q/k RMSNorm (Qwen3) then RoPE; on CUDA one fused kernel for both."""
@@ -81,11 +85,22 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, meta: AttentionMetadata):
+        q, k, v, residual = self.pre_attention(positions, hidden, residual)
+        return self.post_attention(self.self_attn.attn(q, k, v, meta), residual)
+
+    # The two halves around attention: the piecewise CUDA graphs of mixed steps capture
+    # them and run attention, which depends on the step's sequences, eagerly in between.
+    def pre_attention(self, positions, hidden, residual):
+        """-> q, k, v (see Qwen3Attention.project) and the residual stream."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
+        return *self.self_attn.project(positions, hidden), residual
+
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
+        """attn_out [num_tokens, num_heads, head_dim] -> (MLP output, residual stream)."""
+        hidden = self.self_attn.o_proj(attn_out.flatten(1))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

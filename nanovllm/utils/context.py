@@ -6,7 +6,8 @@ mixed, is described the same way: sequence i contributes `q_len_i` new tokens
 (its query rows, contiguous in the flattened batch) and attends to `k_len_i`
 keys, the last `q_len_i` of which are its own new tokens. Decode is `q_len_i == 1`.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -36,7 +37,38 @@ class AttentionMetadata:
     # True when some sequence attends to keys computed in an earlier step (prefix-cache
     # hits, later prefill chunks, decodes). False lets prefill attend to k/v directly.
     has_cached_kv: bool
+    # Mixed steps (decodes and prefill chunks together): the scheduler puts the one-token
+    # decodes first; the first `num_decodes` sequences attend through the decode kernel and
+    # the rest through the prefill kernel (see `split`). 0 when the step is not mixed.
+    num_decodes: int = 0
+    # [num_prefills + 1] int32: cu_seqlens_q / cu_seqlens_k of the sequences after the
+    # decodes, from 0. Set only with num_decodes > 0.
+    prefill_cu_seqlens_q: torch.Tensor | None = None
+    prefill_cu_seqlens_k: torch.Tensor | None = None
+    prefill_max_seqlen_q: int = 0
+    prefill_has_cached_kv: bool = False
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    @cached_property
+    def split(self) -> tuple["AttentionMetadata", "AttentionMetadata"] | None:
+        """A mixed step as (its decodes, its prefill chunks), each a plain step of views into
+        this one (no device work), so each part runs through its own kernel; None otherwise.
+
+        NOTE: decode rows read KV through the decode kernel (split-K, query heads of a KV
+        head together); through the varlen prefill kernels they cost up to 2x the KV reads."""
+        d = self.num_decodes
+        if d == 0:
+            return None
+        decode = replace(self, slot_mapping=self.slot_mapping[:d], cu_seqlens_q=self.cu_seqlens_q[:d + 1],
+                         cu_seqlens_k=self.cu_seqlens_k[:d + 1], max_seqlen_q=1, context_lens=self.context_lens[:d],
+                         block_tables=self.block_tables[:d], is_decode=True, has_cached_kv=True, num_decodes=0,
+                         prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None)
+        prefill = replace(self, slot_mapping=self.slot_mapping[d:], cu_seqlens_q=self.prefill_cu_seqlens_q,
+                          cu_seqlens_k=self.prefill_cu_seqlens_k, max_seqlen_q=self.prefill_max_seqlen_q,
+                          context_lens=self.context_lens[d:], block_tables=self.block_tables[d:], is_decode=False,
+                          has_cached_kv=self.prefill_has_cached_kv, num_decodes=0,
+                          prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None)
+        return decode, prefill

@@ -1,0 +1,122 @@
+"""Piecewise CUDA graphs for steps that carry prefill chunks (mixed and prefill steps).
+
+A decode step replays one whole-model graph (`cuda_graph.py`), but a step with prefill
+chunks has an attention shape that depends on its sequences (how many, how long), which
+a graph cannot bake in. Everything else in the model (embedding, norms, projections,
+RoPE, MLP, all-reduces) depends only on the number of tokens. So for each token-count
+bucket we capture the model in pieces, one per stretch between two attention calls:
+
+    piece 0:  embed -> layer 0 pre-attention                      -> q, k, v, residual
+    piece i:  layer i-1 post-attention -> layer i pre-attention   -> q, k, v, residual
+    piece L:  layer L-1 post-attention -> final norm              -> hidden
+
+and a step replays the pieces of the smallest bucket >= its token count, running each
+layer's attention eagerly in between on the real (unpadded) rows with the step's metadata.
+A step then launches L + 1 graphs and ~3 kernels per layer instead of every kernel of
+every layer from Python (vLLM V1 and SGLang run mixed steps the same way).
+
+Pieces read and write static buffers sized for the largest bucket, allocated before any
+capture, so every piece's own temporaries can share one memory pool with the decode
+graphs. NOTE: rows past the step's tokens hold stale but finite values (earlier steps'
+rows, valid token ids and positions); each row is computed independently of the others
+outside attention, and attention and the KV store see only the real rows.
+"""
+import torch
+from torch import nn
+
+from nanovllm.engine.input_batch import StepInputs
+
+MAX_TOKENS = 4096  # past this a step's kernels are long enough that launching them from Python is free
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts to capture: every 32 up to 512, 64 up to 1024, 128 up to 2048, 256 beyond
+    (padding a step to its bucket wastes at most ~12 % of its token rows)."""
+    sizes, size = [], 0
+    while size < max_tokens:
+        size += 32 if size < 512 else 64 if size < 1024 else 128 if size < 2048 else 256
+        sizes.append(min(size, max_tokens))
+    return sizes
+
+
+def _into(buffer: torch.Tensor, value: torch.Tensor) -> None:
+    """Make `buffer` hold `value` (already does when a fused kernel wrote it in place)."""
+    if value.data_ptr() != buffer.data_ptr():
+        buffer.copy_(value)
+
+
+class PiecewiseGraphs:
+    """`capture=False` runs the same pieces eagerly: the CPU tests check the decomposition
+    and the padding that way."""
+
+    def __init__(self, model: nn.Module, max_tokens: int, dtype: torch.dtype, device: torch.device):
+        self.embed, self.layers, self.norm = model.model.embed_tokens, model.model.layers, model.model.norm
+        attn = self.layers[0].self_attn.attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        hidden_size = self.embed.weight.shape[1]
+        self.sizes = token_buckets(max_tokens)
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.q = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
+        self.k = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
+        self.attn_out = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
+        self.residual = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+
+    def _piece(self, i: int, n: int) -> None:
+        """Piece i of an n-token step (see the module docstring)."""
+        if i == 0:
+            hidden, residual = self.embed(self.input_ids[:n]), None
+        else:
+            hidden, residual = self.layers[i - 1].post_attention(self.attn_out[:n], self.residual[:n])
+        if i == len(self.layers):
+            hidden, _ = self.norm(hidden, residual)
+            _into(self.hidden[:n], hidden)
+            return
+        q, k, v, residual = self.layers[i].pre_attention(self.positions[:n], hidden, residual)
+        for buffer, value in ((self.q, q), (self.k, k), (self.v, v), (self.residual, residual)):
+            _into(buffer[:n], value)
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every bucket's pieces, largest first, into `pool` (shared with the
+        decode graphs: all outputs live in the static buffers). Returns the pool."""
+        for n in reversed(self.sizes):
+            pieces = []
+            for i in range(len(self.layers) + 1):
+                self._piece(i, n)  # warmup: compiles kernels, picks GEMM algorithms
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._piece(i, n)
+                pool = graph.pool() if pool is None else pool
+                pieces.append(graph)
+            self.graphs[n] = pieces
+        torch.cuda.synchronize()
+        return pool
+
+    def can_run(self, inputs: StepInputs) -> bool:
+        return inputs.input_ids.shape[0] <= self.sizes[-1]
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The step's hidden states [num_tokens, hidden]."""
+        num_tokens = inputs.input_ids.shape[0]
+        n = next(s for s in self.sizes if s >= num_tokens)
+        self.input_ids[:num_tokens] = inputs.input_ids
+        self.positions[:num_tokens] = inputs.positions
+        pieces = self.graphs.get(n)
+        for i in range(len(self.layers) + 1):
+            if pieces is None:
+                self._piece(i, n)
+            else:
+                pieces[i].replay()
+            if i < len(self.layers):
+                rows = slice(num_tokens)
+                out = self.layers[i].self_attn.attn(self.q[rows], self.k[rows], self.v[rows], inputs.meta)
+                self.attn_out[rows] = out
+        return self.hidden[:num_tokens]
+
+    def release(self) -> None:
+        self.graphs.clear()
