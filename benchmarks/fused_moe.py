@@ -130,7 +130,13 @@ def main(argv=None) -> int:
         seconds = time_graph(layers, x, None, args.reps)
         best = None
         if args.sweep:
-            timed = [(time_graph(layers, x, t, args.reps), t) for t in SWEEP]
+            timed = []
+            for t in SWEEP:
+                try:
+                    timed.append((time_graph(layers, x, t, args.reps), t))
+                except Exception as e:  # e.g. a tile that needs more shared memory than the GPU has
+                    print(f"  sweep bs={bs:4d} {t}: skipped ({type(e).__name__})")
+                    torch.cuda.synchronize()
             best = min(timed, key=lambda r: r[0])
             for s, t in timed:
                 print(f"  sweep bs={bs:4d} {t}: {s * 1e6:8.1f} us")

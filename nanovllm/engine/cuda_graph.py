@@ -72,13 +72,14 @@ class DecodeGraphs:
         meta = inputs.meta
         self.input_ids[:bs] = inputs.input_ids
         self.positions[:bs] = inputs.positions
-        self.slot_mapping.fill_(-1)
         self.slot_mapping[:bs] = meta.slot_mapping
-        self.context_lens.zero_()
         self.context_lens[:bs] = meta.context_lens
-        # padding and unused columns point at block 0: never read (context length bounds reads)
-        self.block_tables.zero_()
-        self.block_tables[:bs, :meta.block_tables.shape[1]] = meta.block_tables.clamp_min(0)
+        if graph_bs > bs:
+            self.slot_mapping[bs:graph_bs] = -1
+            self.context_lens[bs:graph_bs] = 0
+        # NOTE: entries past a sequence's blocks (-1, or stale from an earlier step) are never
+        # read: its context length bounds the reads (one copy per step, no clearing)
+        self.block_tables[:bs, :meta.block_tables.shape[1]] = meta.block_tables
         self.graphs[graph_bs].replay()
         return self.hidden[:bs]
 

@@ -6,20 +6,21 @@ a graph cannot bake in. Everything else in the model (embedding, norms, projecti
 RoPE, MLP, all-reduces) depends only on the number of tokens. So for each token-count
 bucket we capture the model in pieces, one per stretch between two attention calls:
 
-    piece 0:  embed -> layer 0 pre-attention                      -> q, k, v, residual
-    piece i:  layer i-1 post-attention -> layer i pre-attention   -> q, k, v, residual
-    piece L:  layer L-1 post-attention -> final norm              -> hidden
+    piece 0:  embed -> layer 0 pre-attention, K/V store                      -> q, residual
+    piece i:  layer i-1 post-attention -> layer i pre-attention, K/V store   -> q, residual
+    piece L:  layer L-1 post-attention -> final norm                         -> hidden
 
 and a step replays the pieces of the smallest bucket >= its token count, running each
 layer's attention eagerly in between on the real (unpadded) rows with the step's metadata.
-A step then launches L + 1 graphs and ~3 kernels per layer instead of every kernel of
-every layer from Python (vLLM V1 and SGLang run mixed steps the same way).
+A step then launches L + 1 graphs and 1-3 attention kernels per layer instead of every
+kernel of every layer from Python (vLLM V1 and SGLang run mixed steps the same way).
 
 Pieces read and write static buffers sized for the largest bucket, allocated before any
 capture, so every piece's own temporaries can share one memory pool with the decode
 graphs. NOTE: rows past the step's tokens hold stale but finite values (earlier steps'
 rows, valid token ids and positions); each row is computed independently of the others
-outside attention, and attention and the KV store see only the real rows.
+outside attention, attention sees only the real rows, and the padding rows' slot is -1,
+so the K/V store inside the graph writes nothing for them.
 """
 import torch
 from torch import nn
@@ -46,8 +47,9 @@ def _into(buffer: torch.Tensor, value: torch.Tensor) -> None:
 
 
 class PiecewiseGraphs:
-    """`capture=False` runs the same pieces eagerly: the CPU tests check the decomposition
-    and the padding that way."""
+    """Pieces of a Qwen3-style model (`model.model.{embed_tokens, layers, norm}`, layers with
+    `pre_attention` / `post_attention`). Until `capture()` the pieces run eagerly, with the
+    same buffers and padding: the CPU tests check the decomposition that way."""
 
     def __init__(self, model: nn.Module, max_tokens: int, dtype: torch.dtype, device: torch.device):
         self.embed, self.layers, self.norm = model.model.embed_tokens, model.model.layers, model.model.norm
@@ -58,6 +60,7 @@ class PiecewiseGraphs:
         n = self.sizes[-1]
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
         self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.q = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
         self.k = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros(n, kv_heads, head_dim, dtype=dtype, device=device)
@@ -76,7 +79,9 @@ class PiecewiseGraphs:
             hidden, _ = self.norm(hidden, residual)
             _into(self.hidden[:n], hidden)
             return
-        q, k, v, residual = self.layers[i].pre_attention(self.positions[:n], hidden, residual)
+        layer = self.layers[i]
+        q, k, v, residual = layer.pre_attention(self.positions[:n], hidden, residual)
+        layer.self_attn.attn.store(k, v, self.slot_mapping[:n])
         for buffer, value in ((self.q, q), (self.k, k), (self.v, v), (self.residual, residual)):
             _into(buffer[:n], value)
 
@@ -106,16 +111,18 @@ class PiecewiseGraphs:
         n = next(s for s in self.sizes if s >= num_tokens)
         self.input_ids[:num_tokens] = inputs.input_ids
         self.positions[:num_tokens] = inputs.positions
+        self.slot_mapping[:num_tokens] = inputs.meta.slot_mapping
+        self.slot_mapping[num_tokens:n] = -1  # NOTE: padding rows store nothing
         pieces = self.graphs.get(n)
+        rows = slice(num_tokens)
         for i in range(len(self.layers) + 1):
             if pieces is None:
                 self._piece(i, n)
             else:
                 pieces[i].replay()
             if i < len(self.layers):
-                rows = slice(num_tokens)
-                out = self.layers[i].self_attn.attn(self.q[rows], self.k[rows], self.v[rows], inputs.meta)
-                self.attn_out[rows] = out
+                attn = self.layers[i].self_attn.attn
+                attn.attend(self.q[rows], self.k[rows], self.v[rows], inputs.meta, out=self.attn_out[rows])
         return self.hidden[:num_tokens]
 
     def release(self) -> None:

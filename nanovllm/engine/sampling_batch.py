@@ -114,6 +114,7 @@ def build_sampling_tensors(seqs: list[Sequence], eos_token_ids: frozenset[int]) 
         seeded_rows=tuple(seeded),
         row_seeds=tuple(row_seed(params[i].seed, _num_outputs(seqs[i])) for i in seeded),
         all_greedy=all(p.greedy for p in distinct),
+        any_greedy=any(p.greedy for p in distinct),
     )
 
 

@@ -1,15 +1,16 @@
-"""y = x W^T (+ b) for a few rows of x: the projections of small decode batches.
+"""y = x W^T (+ b) for one row of x: the projections of a batch-1 decode step.
 
-At batch 1-8 a projection is a matrix-vector product bound by reading W once, but the
-general GEMM kernels pick tiles of 8-64 rows and reach a fraction of the bandwidth (on the
-H200, 1 TB/s for Qwen3-0.6B's gate/up at batch 1). Here each program reads a BLOCK_N x K
-stripe of W exactly once, in BLOCK_K chunks, and keeps the M rows' sums in registers.
+At batch 1 a projection is a matrix-vector product bound by reading W once, but cuBLAS
+picks tiles of 8-64 rows and reached 0.3-2.6 TB/s on Qwen3-0.6B's projections on the H200
+(`benchmarks/skinny_gemm.py`, 2026-12-02). Here each program reads a BLOCK_N x K stripe of
+W exactly once, in BLOCK_K chunks, with the row's partial sums in registers. From 2 rows
+on, cuBLAS was as fast or faster on most shapes, so only single rows come here.
 """
 import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 8  # past this the GEMM kernels read W once per step too
+MAX_ROWS = 1
 
 
 @triton.jit
@@ -34,13 +35,13 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, stride_xm, stride_wn, 
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] with M <= MAX_ROWS, weight [N, K] (rows contiguous) -> [M, N] in x's dtype."""
+    """x [M, K] (any M; fast for M <= MAX_ROWS), weight [N, K] (rows contiguous) -> [M, N] in x's dtype."""
     x = x if x.stride(1) == 1 else x.contiguous()
     num_rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if num_rows:
-        block_n = 8 if n <= 2048 else 16  # >= ~128 programs on the narrow projections
+        block_n = 4 if n <= 2048 else 16  # >= 256 programs: enough loads in flight on 132 SMs
         _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
             x, weight, bias if bias is not None else weight, y, n, k, x.stride(0), weight.stride(0), y.stride(0),
             M=num_rows, BLOCK_N=block_n, BLOCK_K=256, HAS_BIAS=bias is not None, num_warps=4)

@@ -23,16 +23,30 @@ class Attention(nn.Module):
         self.backend = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_cache.numel():
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta, self.k_scale, self.v_scale)
-            if meta.split is not None:  # a mixed step: decodes and prefill chunks through their own kernels
-                d = meta.num_decodes
-                out = torch.empty_like(q)
-                for rows, part in ((slice(None, d), meta.split[0]), (slice(d, None), meta.split[1])):
-                    out[rows] = self._attend(q[rows], k[rows], v[rows], part)
-                return out
-        return self._attend(q, k, v, meta)
+        self.store(k, v, meta.slot_mapping)
+        return self.attend(q, k, v, meta)
 
-    def _attend(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write this step's K/V rows into the cache (NOTE: slot -1 writes nothing)."""
+        if self.k_cache.numel():
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping, self.k_scale, self.v_scale)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of q over the cache (its K/V stored first); into `out` when given."""
+        if self.k_cache.numel() and meta.split is not None:
+            # a mixed step: the decodes and the prefill chunks through their own kernels
+            d = meta.num_decodes
+            out = torch.empty_like(q) if out is None else out
+            for rows, part in ((slice(None, d), meta.split[0]), (slice(d, None), meta.split[1])):
+                out[rows] = self._backend_forward(q[rows], k[rows], v[rows], part)
+            return out
+        result = self._backend_forward(q, k, v, meta)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+
+    def _backend_forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale,
                                     self.v_scale)

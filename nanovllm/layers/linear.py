@@ -6,8 +6,6 @@ loaded_weight[, shard_id])` that copies this rank's shard of a checkpoint tensor
 rank the shard is the whole tensor. Fused layers (QKV, gate/up) list their `shard_ids`
 so the loader can check that every shard was loaded exactly once.
 """
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,15 +16,11 @@ from nanovllm.utils.loader import default_weight_loader as _copy
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
 
-SKINNY_MAX_ROWS = 8  # nanovllm.kernels.skinny_gemm.MAX_ROWS (not imported: it imports Triton)
-
-
-def skinny_gemm_enabled(x: torch.Tensor) -> bool:
-    return fused_kernels_enabled(x) and os.environ.get("NANOVLLM_SKINNY_GEMM", "1") != "0"
+SKINNY_MAX_ROWS = 1  # nanovllm.kernels.skinny_gemm.MAX_ROWS (not imported: it imports Triton)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if x.shape[0] <= SKINNY_MAX_ROWS and skinny_gemm_enabled(x):  # small decode batches: bound by reading W
+    if x.shape[0] <= SKINNY_MAX_ROWS and fused_kernels_enabled(x):  # batch-1 decode: bound by reading W
         from nanovllm.kernels.skinny_gemm import skinny_linear
         return skinny_linear(x, weight, bias)
     return F.linear(x, weight, bias)

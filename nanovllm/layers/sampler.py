@@ -53,6 +53,7 @@ class SamplingTensors:
     seeded_rows: tuple[int, ...]            # rows drawing from their own generator,
     row_seeds: tuple[int, ...]              # seeded with these (see `row_seed`)
     all_greedy: bool
+    any_greedy: bool                        # some row has temperature 0
 
     @property
     def max_num_logprobs(self) -> int:
@@ -164,16 +165,19 @@ class Sampler(nn.Module):
             apply_penalties(logits, params.penalties)
         if params.banned_rows is not None:
             logits[params.banned_rows, params.banned_token_ids] = float("-inf")
-        token_ids = logits.argmax(dim=-1)
-        if not params.all_greedy:
-            sampled = self._sample(logits, params, generator)
-            token_ids = torch.where(params.temperatures > 0, sampled, token_ids)
+        if params.all_greedy:
+            token_ids = logits.argmax(dim=-1)
+        elif params.any_greedy:
+            greedy = logits.argmax(dim=-1)  # before _sample edits the logits in place
+            token_ids = torch.where(params.temperatures > 0, self._sample(logits, params, generator), greedy)
+        else:  # NOTE: the common batch job: one temperature > 0 for all, no greedy argmax to take
+            token_ids = self._sample(logits, params, generator)
         return SamplerOutput(token_ids, gather_logprobs(raw_logprobs, token_ids, params))
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors,
                 generator: torch.Generator | None) -> torch.Tensor:
         t = params.temperatures
-        logits.div_(torch.where(t > 0, t, 1.0).unsqueeze(1))  # float32; greedy rows are discarded
+        logits.div_(torch.where(t > 0, t, 1.0).unsqueeze(1) if params.any_greedy else t.unsqueeze(1))
         if params.top_p is not None:
             apply_top_k_top_p(logits, params.top_k, params.top_p)
         elif params.top_k is not None:

@@ -223,7 +223,7 @@ def test_mixed_step_graphs_match_eager(qwen3_06b, prompts, oracle):
     config = dict(attention_backend="triton", kvcache_block_size=16, max_num_batched_tokens=300)
     runs = {}
     for eager in (True, False):
-        llm = LLM(qwen3_06b, max_model_len=2048, enforce_eager=eager, **config)
+        llm = LLM(qwen3_06b, max_model_len=2048, num_kvcache_blocks=2048, enforce_eager=eager, **config)
         try:
             if not eager:
                 assert llm.model_runner.piecewise_graphs.graphs, "no piecewise graphs captured"

@@ -187,7 +187,7 @@ def check_fp8_backend(q_lens: list[int], k_lens: list[int], num_heads: int, num_
     results = {}
     for backend in (TorchBackend(), TritonBackend(block_size=block_size, max_model_len=max(k_lens))):
         cache = [x.clone() for x in (batch.k_cache, batch.v_cache, batch.k_scale, batch.v_scale)]
-        backend.store_kv(k, v, cache[0], cache[1], meta, cache[2], cache[3])
+        backend.store_kv(k, v, cache[0], cache[1], meta.slot_mapping, cache[2], cache[3])
         out = backend.forward(q, k, v, cache[0], cache[1], meta, scale, cache[2], cache[3])
         results[backend.name] = cache, out
     (ref_cache, ref_out), (cache, out) = results["torch"], results["triton"]

@@ -196,7 +196,7 @@ def check_backend(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_h
     caches = {}
     for backend in (TorchBackend(), TritonBackend(block_size=block_size, max_model_len=max(k_lens))):
         k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-        backend.store_kv(k, v, k_cache, v_cache, meta)
+        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = backend.forward(q, k, v, k_cache, v_cache, meta, scale)
         caches[backend.name] = (k_cache, v_cache, out)
     assert torch.equal(caches["triton"][0], caches["torch"][0]) and torch.equal(caches["triton"][1], caches["torch"][1])
@@ -232,7 +232,7 @@ def check_backend_uncached(q_lens: list[int], num_heads: int, num_kv_heads: int,
     empty = torch.tensor([], dtype=dtype, device=device)
     scale = head_dim ** -0.5
     backend = TritonBackend(block_size=16, max_model_len=max(q_lens))
-    backend.store_kv(k, v, empty, empty, meta)  # a no-op, like the layer skipping it
+    backend.store_kv(k, v, empty, empty, meta.slot_mapping)  # a no-op, like the layer skipping it
     out = backend.forward(q, k, v, empty, empty, meta, scale)
     assert_close(out, TorchBackend._forward_uncached(q, k, v, meta, scale), dtype)
 

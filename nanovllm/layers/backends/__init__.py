@@ -1,7 +1,7 @@
 """Attention backends, registered by name and imported lazily, so that `import nanovllm`
 never imports triton or flash_attn.
 
-Every backend has `name`, `store_kv(k, v, k_cache, v_cache, meta, k_scale, v_scale)` and
+Every backend has `name`, `store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)` and
 `forward(q, k, v, k_cache, v_cache, meta, scale, k_scale, v_scale) -> out`; `torch` is the
 reference. k_scale/v_scale are the fp8 cache's per-token scales, None for other caches.
 """

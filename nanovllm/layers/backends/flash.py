@@ -21,9 +21,9 @@ class FlashBackend:
         self._store_kv, self._decode = store_kv, paged_decode_attention
         self.max_model_len = max_model_len
 
-    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, k_scale=None, v_scale=None) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
         assert k_scale is None, "flash reads half-precision caches only (resolve_backend refuses fp8)"
-        self._store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        self._store_kv(k, v, k_cache, v_cache, slot_mapping)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
                 v_scale=None) -> torch.Tensor:

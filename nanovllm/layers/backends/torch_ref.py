@@ -87,8 +87,8 @@ class TorchBackend:
     def __init__(self, block_size: int = 16, max_model_len: int = 0):
         pass  # the reference needs no sizes fixed ahead
 
-    def store_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, k_scale=None, v_scale=None) -> None:
-        store_kv_ref(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping: torch.Tensor, k_scale=None, v_scale=None) -> None:
+        store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
                 v_scale=None) -> torch.Tensor:

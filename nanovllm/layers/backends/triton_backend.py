@@ -29,11 +29,11 @@ class TritonBackend:
         self.num_decode_splits = num_decode_splits
 
     def store_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 meta: AttentionMetadata, k_scale: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
                  v_scale: torch.Tensor | None = None) -> None:
         if k_cache.numel() == 0:  # warmup before the cache exists: nothing to write to
             return
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
