@@ -3,6 +3,7 @@ in this process when Ray cannot be imported, and with `--no-ray`; every path wri
 same rows, equal to `LLM.generate` on the same prompts."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -41,8 +42,8 @@ def expected(path) -> list[dict]:
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
     finally:
         llm.exit()
-    # every input column is kept: a row without a max_tokens key gets null, as in Arrow
-    return [{"max_tokens": None, **r, "generated_text": o["text"], "generated_token_ids": o["token_ids"],
+    # every input key is kept, and a key a row lacks stays absent
+    return [{**r, "generated_text": o["text"], "generated_token_ids": o["token_ids"],
              "finish_reason": o["finish_reason"]} for r, o in zip(ROWS, outs)]
 
 
@@ -78,22 +79,34 @@ def test_no_ray_flag_writes_parquet_into_a_directory(path, input_file, tmp_path,
     output = tmp_path / "out"
     assert batch_cli.main(cli(path, input_file, str(output), "--no-ray")) == 0
     assert os.listdir(output) == ["part-00000.parquet"]
-    assert pq.read_table(output / "part-00000.parquet").to_pylist() == expected
+    # a column holds every row: a row without max_tokens has null there
+    assert pq.read_table(output / "part-00000.parquet").to_pylist() == [{"max_tokens": None, **e} for e in expected]
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(path, input_file, tmp_path, monkeypatch):
+def test_parquet_without_pyarrow_is_a_clear_error(path, input_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(ImportError, match="Parquet needs pyarrow: pip install pyarrow"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "out.parquet"), "--no-ray"))
+    assert batch_cli.main(cli(path, input_file, str(tmp_path / "out.parquet"), "--no-ray")) == 2
+    assert "error: Parquet needs pyarrow: pip install pyarrow" in capsys.readouterr().err
 
 
-def test_bad_arguments(path, input_file, tmp_path):
-    with pytest.raises(FileNotFoundError, match="input not found"):
-        batch_cli.main(cli(path, str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), "--no-ray"))
-    with pytest.raises(ValueError, match="--format parquet contradicts the output's extension '.jsonl'"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--format", "parquet", "--no-ray"))
-    with pytest.raises(ValueError, match="temperature must be .*got -1"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--no-ray", "--temperature", "-1"))
+@pytest.mark.parametrize("extra, message", [
+    (("--format", "parquet"), "--format parquet contradicts the output's extension '.jsonl'"),
+    (("--temperature", "-1"), "temperature must be .*got -1"),
+    (("--sampling-params", '{"max_token": 3}'), r"unknown sampling_params field\(s\) \['max_token'\]"),
+    (("--engine-kwargs", '{"block_size": 16}'), r"unknown config keyword\(s\) \['block_size'\]"),
+])
+def test_bad_arguments_are_one_line_errors(path, input_file, tmp_path, capsys, extra, message):
+    assert batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--no-ray", *extra)) == 2
+    err = capsys.readouterr().err
+    assert re.search("^nanovllm.batch: error: .*" + message, err) and err.count("\n") == 1
+    assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["prompts.jsonl"]
+
+
+def test_bad_paths_are_one_line_errors(path, input_file, tmp_path, capsys):
+    assert batch_cli.main(cli(path, str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"))) == 2
+    assert "error: input not found" in capsys.readouterr().err
+    assert batch_cli.main(cli(str(tmp_path / "nonexistent"), input_file, str(tmp_path / "o.jsonl"))) == 2
+    assert "error: --model " + str(tmp_path / "nonexistent") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--replicas", "0"))
 
