@@ -100,10 +100,14 @@ def run(args: argparse.Namespace) -> int:
     job = (batch_job.openai_job(lines, base, model_dir, args.model) if kind == "openai"
            else batch_job.rows_job(lines, base, args.prompt_column))
     start = time.perf_counter()
-    results = run_requests(args, job.requests) if job.requests else iter(())
+    results = run_requests(args, job.requests) if job.requests else None
     path = output_file(args.output, out_format)
-    with batch_job.AtomicWriter(path, out_format) as writer:
-        summary = job.write(results, writer)
+    try:
+        with batch_job.AtomicWriter(path, out_format) as writer:
+            summary = job.write(results or (), writer)
+    finally:
+        if results is not None:
+            results.close()  # NOTE: stops the engines now, not when the generator is collected
     print(f"nanovllm.batch: {summary} in {time.perf_counter() - start:.1f} s (engines started included) "
           f"-> {path}", file=sys.stderr)
     return 0
@@ -207,7 +211,7 @@ def run_requests(args, requests: list[str]):
         return _in_process(engines, requests)
     if not ray.is_initialized():
         ray.init(address=args.address)
-    return _on_ray(ray, engines, requests)
+    return _on_ray(ray, engines, requests)  # NOTE: a generator, closed by the caller
 
 
 def _import_ray():

@@ -78,8 +78,8 @@ def _gather(futures: list[concurrent.futures.Future], then) -> None:
 
 def _row_error(error: BaseException) -> str:
     # the engine names the request by its index in the one-request batch: say "the prompt" instead
-    message = re.sub(r"\bprompts\[0\]", "the prompt", str(error))
-    return re.sub(r"\bsampling_params\[0\]", "sampling params", message)
+    message = re.sub(r"\b(prompts|sampling_params)\[0\]: ", "", str(error))
+    return re.sub(r"\b(prompts|sampling_params)\[0\]", "the prompt", message)
 
 
 def _result_json(result: dict | str) -> str:
