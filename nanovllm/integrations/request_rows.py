@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import json
 import re
+import threading
 import weakref
 
 from nanovllm.integrations.columns import column_values, object_array
@@ -19,6 +20,9 @@ from nanovllm.sampling_params import SamplingParams
 
 REQUEST_COLUMN = "request"
 RESULT_COLUMN = "result"
+# what the engine raises for a request it will not run (too long, logprobs over the vocabulary, a
+# constraint that does not compile): that request's error; anything else fails the job
+REJECTED = (TypeError, ValueError)
 
 
 def encode_request(prompt: str | list[int], sampling_params: dict) -> str:
@@ -46,13 +50,16 @@ def submit_rows(engine: EngineLoop, requests: list[str]) -> concurrent.futures.F
         done.set_result([_result_json(results[i]) for i in range(len(requests))])
 
     def on_batch(future: concurrent.futures.Future) -> None:
+        error = future.exception()
         try:
-            if future.exception() is None:
+            if error is None:
                 finish(future.result())
+            elif not isinstance(error, REJECTED):
+                done.set_exception(error)  # the engine failed, not a request: the job fails
             elif len(rows) == 1:
-                finish([_row_error(future.exception())])
+                finish([_row_error(error)])
             else:
-                _gather([engine.submit([p], [sp]) for p, sp in zip(prompts, params)], finish)
+                _gather([engine.submit([p], [sp]) for p, sp in zip(prompts, params)], finish, done)
         except BaseException as e:  # NOTE: the engine loop stopped: fail, never leave the caller waiting
             done.set_exception(e)
 
@@ -63,13 +70,20 @@ def submit_rows(engine: EngineLoop, requests: list[str]) -> concurrent.futures.F
     return done
 
 
-def _gather(futures: list[concurrent.futures.Future], then) -> None:
-    """Call `then` with each single-request future's output (or its error) once all are done."""
-    left = [len(futures)]
+def _gather(futures: list[concurrent.futures.Future], then, done: concurrent.futures.Future) -> None:
+    """Once every single-request future is done: `then` with each output or rejection, or `done`
+    fails with an engine failure."""
+    left, lock = [len(futures)], threading.Lock()
 
     def on_done(_):
-        left[0] -= 1
-        if left[0] == 0:
+        with lock:  # NOTE: callbacks run on the engine thread, or here if a future is already done
+            left[0] -= 1
+            if left[0]:
+                return
+        failed = [f.exception() for f in futures if f.exception() and not isinstance(f.exception(), REJECTED)]
+        if failed:
+            done.set_exception(failed[0])
+        else:
             then([_row_error(f.exception()) if f.exception() else f.result()[0] for f in futures])
 
     for future in futures:
