@@ -258,7 +258,10 @@ def _in_process(engines: _Engines, requests: list[str]):
     from nanovllm.integrations.ray import EngineLoop
     from nanovllm.integrations.request_rows import submit_rows
 
-    engine = EngineLoop(engines.model, engines.llm_kwargs)
+    try:
+        engine = EngineLoop(engines.model, engines.llm_kwargs)
+    except (OSError, TypeError, ValueError) as e:  # e.g. no memory left for the KV cache
+        raise UsageError(f"--model {engines.model}: the engine did not start: {e}") from e
     pending = collections.deque()  # futures, in input order
     try:
         with tqdm(total=len(requests), desc="Requests", unit="req") as bar:
