@@ -65,18 +65,6 @@ def load_llm(model: str, args):
         raise ModelUnavailable(f"cannot load model {model!r} ({reason})") from e
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The chat template when the tokenizer has one (Qwen3: thinking off), else the plain text."""
-    if not getattr(tokenizer, "chat_template", None):
-        return prompt
-    messages = [{"role": "user", "content": prompt}]
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             enable_thinking=False)
-    except TypeError:  # a tokenizer that rejects the extra template variable
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompts (default: a few built-in chat prompts)")
@@ -95,10 +83,15 @@ def parse_args(argv=None):
 
 def run(llm, args):
     from nanovllm import SamplingParams
-    prompts = [format_prompt(llm.tokenizer, p) for p in (args.prompts or DEFAULT_PROMPTS)]
+    prompts = args.prompts or DEFAULT_PROMPTS
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params)  # returns once the tokens are on the host
+    if getattr(llm.tokenizer, "chat_template", None):  # a chat model: each prompt is one user turn
+        # NOTE: a template ignores variables it does not use: enable_thinking is Qwen3's (off here)
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           chat_template_kwargs={"enable_thinking": False})
+    else:
+        outputs = llm.generate(prompts, params)  # returns once the tokens are on the host
     seconds = time.perf_counter() - start
     for prompt, output in zip(prompts, outputs):
         print(f"\nPrompt: {prompt!r}\nCompletion: {output['text']!r}")

@@ -1,53 +1,56 @@
 """Files in, files out: `python -m nanovllm.batch --model M --input prompts.jsonl --output out/`.
 
-Reads JSONL or Parquet (by extension) through Ray Data and runs `--replicas` engines of
-`--tp` GPUs each (`nanovllm.integrations.ray.predict`). Without Ray installed (or with
-`--no-ray`) the same job runs in this process with one engine, reading JSONL with the json
-module (Parquet needs pyarrow).
+Two input formats (`--input-format`, default auto: openai when every JSON line has `custom_id`
+and `body`):
+- rows: JSONL or Parquet rows with a `prompt` (a string) or `token_ids` (a list of ints), or
+  `--prompt-column`; optional per-row `max_tokens` / `temperature` / `seed`. Each row is written
+  back with `generated_text`, `generated_token_ids`, `finish_reason` added. Every row is checked
+  before the model loads; a bad one stops the job (exit code 2, no output file).
+- openai: OpenAI Batch API JSONL (`/v1/chat/completions`, `/v1/completions`), written back as
+  OpenAI batch output lines; a bad line gets an error line (status 400) and the others run.
 
-Rows: a `prompt` column (strings) or `token_ids` (int lists), or `--prompt-column`;
-optional per-row `max_tokens` / `temperature` / `seed`; every column is kept and
-`generated_text`, `generated_token_ids`, `finish_reason` are added, rows in input order.
-Output: one file, written by this process as results stream in: the path itself when it ends
-in `.jsonl` / `.parquet`, else `<path>/part-00000.<--format>` (default parquet).
+Runs `--replicas` engines of `--tp` GPUs each on Ray Data, or one engine in this process
+without Ray (or with `--no-ray`); both write the same file, in input order. Output: the path
+itself when it ends in `.jsonl` / `.parquet`, else `<path>/part-00000.<--format>`; written under
+a temporary name and renamed when the job succeeds.
 """
 import argparse
-import collections
 import json
-import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-import numpy as np
-
-from nanovllm.integrations.columns import requests_from_batch, sampling_params_from, with_outputs
+from nanovllm.integrations.batch_job import UsageError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from nanovllm.integrations.ray import DEFAULT_BATCH_SIZE, DEFAULT_MAX_CONCURRENT_BATCHES
+    # NOTE: nothing heavy is imported before the arguments are parsed: --help answers at once
+    from nanovllm.integrations.columns import DEFAULT_BATCH_SIZE, DEFAULT_MAX_CONCURRENT_BATCHES
 
-    p = argparse.ArgumentParser(prog="python -m nanovllm.batch", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF model directory (or anything LLM(...) takes)")
+    p = argparse.ArgumentParser(prog="python -m nanovllm.batch", description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument("--model", required=True, help="HF model directory, a .gguf file, or demo")
     p.add_argument("--input", required=True, help="a .jsonl / .parquet file or a directory of them")
     p.add_argument("--output", required=True, help="a .jsonl / .parquet file, or a directory")
+    p.add_argument("--input-format", choices=("auto", "rows", "openai"), default="auto",
+                   help="auto: openai when every line has custom_id and body")
     p.add_argument("--format", choices=sorted(set(FORMATS.values())),
-                   help="output format (default: the output's extension, else parquet)")
+                   help="output format (None: the output's extension, else parquet for rows, jsonl for openai)")
     p.add_argument("--replicas", type=int, default=1, help="engines (Ray actors)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size: GPUs per engine")
-    p.add_argument("--max-tokens", type=int, help="default max_tokens (a max_tokens column overrides it)")
-    p.add_argument("--temperature", type=float, help="default temperature (0 = greedy)")
+    p.add_argument("--max-tokens", type=int, help="default max_tokens (None: SamplingParams' 64); a row's or a request's own wins")
+    p.add_argument("--temperature", type=float, help="default temperature, 0 = greedy (None: SamplingParams' 1.0)")
     p.add_argument("--sampling-params", type=_json_object, default={}, metavar="JSON",
-                   help="other SamplingParams fields, e.g. '{\"top_p\": 0.9}'")
+                   help="other default SamplingParams fields, e.g. '{\"top_p\": 0.9}'")
     p.add_argument("--engine-kwargs", type=_json_object, default={}, metavar="JSON",
                    help="LLM(...) keywords, e.g. '{\"max_model_len\": 8192}'")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch")
     p.add_argument("--max-concurrent-batches", type=int, default=DEFAULT_MAX_CONCURRENT_BATCHES,
                    help="batches in one engine at once (the next joins before the last drains)")
-    p.add_argument("--prompt-column", help="default: prompt, else token_ids")
-    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--prompt-column", help="rows: the prompt column (None: prompt, else token_ids)")
+    p.add_argument("--address", help="Ray cluster address (None: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in this process with one engine")
     args = p.parse_args(argv)
     for name in ("replicas", "tp", "batch_size", "max_concurrent_batches"):
@@ -56,8 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option's default shown (required ones have none), the description as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.required else super()._get_help_string(action)
+
+
 def _json_object(text: str) -> dict:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from e
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
@@ -65,61 +78,93 @@ def _json_object(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"nanovllm.batch: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """Check everything the job needs (input, output, model, parameters), then run it."""
+    from nanovllm.integrations import batch_job
+
+    in_format = input_format(args.input)
+    lines = batch_job.read_lines(_input_files(args.input), in_format)
+    kind = batch_job.detect_format(lines, args.input_format, in_format)
+    out_format = output_format(args.output, args.format, kind)
+    if "parquet" in (in_format, out_format):
+        _import_pyarrow()
+    base = _base_params(args)
+    model_dir = _check_model(args.model, {**args.engine_kwargs, "tensor_parallel_size": args.tp})
+    job = (batch_job.openai_job(lines, base, model_dir, args.model) if kind == "openai"
+           else batch_job.rows_job(lines, base, args.prompt_column))
+    start = time.perf_counter()
+    results = run_requests(args, job.requests) if job.requests else None
+    path = output_file(args.output, out_format)
+    try:
+        with batch_job.AtomicWriter(path, out_format) as writer:
+            summary = job.write(results or (), writer)
+    finally:
+        if results is not None:
+            results.close()  # NOTE: stops the engines now, not when the generator is collected
+    print(f"nanovllm.batch: {summary} in {time.perf_counter() - start:.1f} s (engines started included) "
+          f"-> {path}", file=sys.stderr)
+    return 0
+
+
+def _base_params(args) -> dict:
+    """The job's default SamplingParams fields, checked now."""
+    from nanovllm.integrations.columns import sampling_params_from
+
     params = {**args.sampling_params}
     for name in ("max_tokens", "temperature"):
         if getattr(args, name) is not None:
             params[name] = getattr(args, name)
-    sampling_params = sampling_params_from(params)  # validated before any engine starts
-    llm_kwargs = {**args.engine_kwargs, "tensor_parallel_size": args.tp}
-    in_format = input_format(args.input)
-    out_format = output_format(args.output, args.format)
-    if "parquet" in (in_format, out_format):
-        _import_pyarrow()  # fail before any engine starts
-    ray = None if args.no_ray else _import_ray()
-    if ray is not None and not ray.is_initialized():
-        ray.init(address=args.address)
-    start = time.perf_counter()
-    if ray is not None:
-        num_rows = run_on_ray(ray, args, sampling_params, llm_kwargs, in_format, out_format)
-    else:
-        if args.replicas > 1:
-            print(f"nanovllm.batch: --replicas {args.replicas} needs Ray; running one engine", file=sys.stderr)
-        num_rows = run_in_process(args, sampling_params, llm_kwargs, in_format, out_format)
-    elapsed = time.perf_counter() - start
-    print(f"nanovllm.batch: {num_rows} rows in {elapsed:.1f} s ({num_rows / elapsed:.1f} rows/s, engines "
-          f"started included) -> {args.output}", file=sys.stderr)
-    return 0
-
-
-def _import_ray():
     try:
-        import ray
-        import ray.data
-    except ImportError as e:
-        print(f"nanovllm.batch: Ray is not available ({e}); running in this process with one engine. "
-              f"Install it with: pip install -e \".[ray]\"", file=sys.stderr)
-        return None
-    return ray
+        sampling_params_from({k: v for k, v in params.items() if k != "n"})
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--sampling-params / --max-tokens / --temperature: {e}") from e
+    return params
+
+
+def _check_model(model: str, llm_kwargs: dict) -> str:
+    """The model's HF directory, found and its config read, without loading the model."""
+    from nanovllm.config import Config, read_hf_config
+    from nanovllm.utils.model_path import resolve_model_path
+
+    try:
+        path = resolve_model_path(model)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"no such model directory or file: {model!r}")
+        read_hf_config(path)
+        Config.from_kwargs(path, **llm_kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as e:
+        raise UsageError(f"--model {model} (--engine-kwargs, --tp): {e}") from e
+    return path
 
 
 # ---- formats -----------------------------------------------------------------------------
 def input_format(path: str) -> str:
     """The format of a file, or of the files in a directory (all of one kind)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"input not found: {path!r}")
+        raise UsageError(f"input not found: {path!r}")
     names = sorted(os.listdir(path)) if os.path.isdir(path) else [path]
     kinds = {FORMATS[ext] for ext in (os.path.splitext(name)[1].lower() for name in names) if ext in FORMATS}
     if len(kinds) != 1:
-        raise ValueError(f"input {path!r}: expected .jsonl or .parquet files (one kind), found "
+        raise UsageError(f"input {path!r}: expected .jsonl or .parquet files (one kind), found "
                          f"{sorted(kinds) or 'neither'}")
     return kinds.pop()
 
 
-def output_format(path: str, flag: str | None) -> str:
+def output_format(path: str, flag: str | None, kind: str = "rows") -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext in FORMATS and flag is not None and FORMATS[ext] != flag:
-        raise ValueError(f"--format {flag} contradicts the output's extension {ext!r}")
-    return FORMATS.get(ext, flag or "parquet")
+        raise UsageError(f"--format {flag} contradicts the output's extension {ext!r}")
+    out = FORMATS.get(ext, flag or ("jsonl" if kind == "openai" else "parquet"))
+    if kind == "openai" and out != "jsonl":
+        raise UsageError("OpenAI batch files are written as JSONL: use a .jsonl output (or --format jsonl)")
+    return out
 
 
 def output_file(path: str, out_format: str) -> str:
@@ -141,155 +186,97 @@ def _import_pyarrow():
         import pyarrow
         import pyarrow.parquet
     except ImportError as e:
-        raise ImportError('Parquet needs pyarrow: pip install pyarrow (or pip install -e ".[ray]")') from e
+        raise UsageError('Parquet needs pyarrow: pip install pyarrow (or pip install -e ".[ray]")') from e
     return pyarrow
 
 
-# ---- on Ray ------------------------------------------------------------------------------
-def run_on_ray(ray, args, sampling_params, llm_kwargs: dict, in_format: str, out_format: str) -> int:
+# ---- running requests: on Ray, or in this process ----------------------------------------
+@dataclass(frozen=True)
+class _Engines:
+    model: str
+    llm_kwargs: dict
+    replicas: int
+    batch_size: int
+    max_concurrent_batches: int
+
+
+def run_requests(args, requests: list[str]):
+    """Encoded requests (`request_rows.encode_request`) -> their results, in order, as they come."""
+    engines = _Engines(args.model, {**args.engine_kwargs, "tensor_parallel_size": args.tp}, args.replicas,
+                       args.batch_size, args.max_concurrent_batches)
+    ray = None if args.no_ray else _import_ray()
+    if ray is None:
+        if args.replicas > 1:
+            print(f"nanovllm.batch: --replicas {args.replicas} needs Ray; running one engine", file=sys.stderr)
+        return _in_process(engines, requests)
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    return _on_ray(ray, engines, requests)  # NOTE: a generator, closed by the caller
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data
+    except ImportError as e:
+        print(f"nanovllm.batch: Ray is not available ({e}); running in this process with one engine. "
+              f"Install it with: pip install -e \".[ray]\"", file=sys.stderr)
+        return None
+    return ray
+
+
+def _on_ray(ray, engines: _Engines, requests: list[str]):
+    import math
+
     from nanovllm.integrations.ray import predict
+    from nanovllm.integrations.request_rows import REQUEST_COLUMN, RESULT_COLUMN, RequestPredictor
 
     ctx = ray.data.DataContext.get_current()
     preserve_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # NOTE: output row i is input row i
     try:
-        ds = ray.data.read_json(args.input) if in_format == "jsonl" else ray.data.read_parquet(args.input)
-        ds = _split_blocks(ds, args).materialize()
-        ds = predict(ds, args.model, sampling_params=sampling_params, prompt_column=args.prompt_column,
-                     replicas=args.replicas, batch_size=args.batch_size,
-                     max_concurrent_batches=args.max_concurrent_batches, batch_format="pyarrow", **llm_kwargs)
-        with _FileWriter(output_file(args.output, out_format), out_format) as writer:
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.write_table(table)
-            return writer.num_rows
+        # Blocks of about one batch, so that every replica gets work. NOTE: materialized before the
+        # engines start: tasks waiting for a CPU that engine actors hold would never run
+        num_blocks = max(engines.replicas * engines.max_concurrent_batches,
+                         math.ceil(len(requests) / engines.batch_size))
+        ds = ray.data.from_items([{REQUEST_COLUMN: r} for r in requests]).repartition(num_blocks).materialize()
+        ds = predict(ds, engines.model, replicas=engines.replicas, batch_size=engines.batch_size,
+                     max_concurrent_batches=engines.max_concurrent_batches, batch_format="pyarrow",
+                     predictor=RequestPredictor, **engines.llm_kwargs)
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            yield from table.column(RESULT_COLUMN).to_pylist()
     finally:
         ctx.execution_options.preserve_order = preserve_order
 
 
-def _split_blocks(ds, args):
-    """Blocks of about one batch, so that every replica gets work even from one input file.
+def _in_process(engines: _Engines, requests: list[str]):
+    """One engine, fed as a Ray actor's is: `max_concurrent_batches` batches in it at once."""
+    import collections
 
-    NOTE: the caller materializes the result before the engines start: prompts are small, and
-    read or repartition tasks waiting for a CPU that engine actors hold would never run (on a
-    CPU-only cluster the engines take every core)."""
-    num_blocks = max(args.replicas * args.max_concurrent_batches, math.ceil(ds.count() / args.batch_size))
-    return ds.repartition(num_blocks)
-
-
-# ---- in this process ---------------------------------------------------------------------
-def run_in_process(args, sampling_params, llm_kwargs: dict, in_format: str, out_format: str) -> int:
-    """One engine, fed as a Ray actor's is: `--max-concurrent-batches` batches in it at once."""
     from tqdm.auto import tqdm
 
     from nanovllm.integrations.ray import EngineLoop
+    from nanovllm.integrations.request_rows import submit_rows
 
-    rows = _read_rows(args.input, in_format)
-    batches = [_rows_to_batch(rows[i:i + args.batch_size]) for i in range(0, len(rows), args.batch_size)]
-    engine = EngineLoop(args.model, llm_kwargs)
-    pending = collections.deque()  # (batch, future) in input order
     try:
-        with _FileWriter(output_file(args.output, out_format), out_format) as writer, \
-                tqdm(total=len(rows), desc="Rows", unit="row") as bar:
-            def write_oldest():
-                batch, future = pending.popleft()
-                outputs = future.result()
-                writer.write_rows(_batch_to_rows(with_outputs(batch, outputs)))
-                bar.update(len(outputs))
-
-            for batch in batches:
-                if len(pending) == args.max_concurrent_batches:
-                    write_oldest()
-                prompts, params = requests_from_batch(batch, sampling_params, args.prompt_column)
-                pending.append((batch, engine.submit(prompts, params)))
+        engine = EngineLoop(engines.model, engines.llm_kwargs)
+    except (OSError, TypeError, ValueError) as e:  # e.g. no memory left for the KV cache
+        raise UsageError(f"--model {engines.model}: the engine did not start: {e}") from e
+    pending = collections.deque()  # futures, in input order
+    try:
+        with tqdm(total=len(requests), desc="Requests", unit="req") as bar:
+            for i in range(0, len(requests), engines.batch_size):
+                if len(pending) == engines.max_concurrent_batches:
+                    results = pending.popleft().result()
+                    bar.update(len(results))
+                    yield from results
+                pending.append(submit_rows(engine, requests[i:i + engines.batch_size]))
             while pending:
-                write_oldest()
-            return writer.num_rows
+                results = pending.popleft().result()
+                bar.update(len(results))
+                yield from results
     finally:
         engine.close()
-
-
-def _read_rows(path: str, in_format: str) -> list[dict]:
-    rows = []
-    for file in _input_files(path):
-        if in_format == "parquet":
-            rows += _import_pyarrow().parquet.read_table(file).to_pylist()
-            continue
-        with open(file) as f:
-            for line_number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError(f"{file}:{line_number}: expected a JSON object per line, got "
-                                     f"{type(row).__name__}")
-                rows.append(row)
-    return rows
-
-
-def _rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
-    names = list(dict.fromkeys(name for row in rows for name in row))  # every key, first-seen order
-    batch = {}
-    for name in names:
-        column = np.empty(len(rows), dtype=object)
-        for i, row in enumerate(rows):  # NOTE: one by one: equal-length lists would become a 2-D array
-            column[i] = row.get(name)
-        batch[name] = column
-    return batch
-
-
-def _batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict]:
-    num_rows = len(next(iter(batch.values())))
-    return [{name: _python(values[i]) for name, values in batch.items()} for i in range(num_rows)]
-
-
-def _python(value):
-    if isinstance(value, (np.ndarray, np.generic)):
-        return value.tolist()
-    return value
-
-
-class _FileWriter:
-    """Rows (dicts) or Arrow tables into one file. JSONL is written line by line as results
-    come; Parquet at the end, as one table whose schema covers every batch (a column that is
-    all null in one batch takes its type from the others)."""
-
-    def __init__(self, path: str, out_format: str):
-        self.path, self.format = path, out_format
-        self.num_rows = 0
-        self._file = None
-        self._tables = []  # Parquet: Arrow tables, or lists of rows
-
-    def __enter__(self) -> "_FileWriter":
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if self.format == "jsonl":
-            self._file = open(self.path, "w")
-        return self
-
-    def write_rows(self, rows: list[dict]) -> None:
-        if self.format == "jsonl":
-            self._file.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        else:
-            self._tables.append(rows)
-        self.num_rows += len(rows)
-
-    def write_table(self, table) -> None:
-        if self.format == "jsonl":
-            self.write_rows(table.to_pylist())
-        else:
-            self._tables.append(table)
-            self.num_rows += table.num_rows
-
-    def __exit__(self, exc_type, *exc) -> None:
-        if self._file:
-            self._file.close()
-        elif exc_type is None:
-            pa = _import_pyarrow()
-            tables = [t if isinstance(t, pa.Table) else pa.Table.from_pylist(t) for t in self._tables]
-            try:
-                table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
-            except TypeError:  # pyarrow < 14
-                table = pa.concat_tables(tables, promote=True)
-            pa.parquet.write_table(table, self.path)
 
 
 if __name__ == "__main__":

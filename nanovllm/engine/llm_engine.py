@@ -17,6 +17,7 @@ from transformers import AutoTokenizer
 
 from nanovllm.config import Config, ModelConfig, read_hf_config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.chat import chat_prompt_ids
 from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor, RequestState
@@ -265,6 +266,24 @@ class LLMEngine:
 
     def _stream(self, seqs: list[Sequence]) -> Iterator[dict]:
         yield from self._run(self.outputs.add(seqs, stream=True), use_tqdm=False)
+
+    # ---- chat: conversations through the chat template, then generate / stream --------
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[dict]:
+        """`generate` on conversations: `messages` is one conversation (a list of
+        {"role", "content"} dicts) or a list of them, each turned into prompt token ids by
+        the tokenizer's chat template (or `chat_template`); `chat_template_kwargs` go to the
+        template (e.g. Qwen3's enable_thinking=False). Returns generate's dicts, one per conversation."""
+        prompts = chat_prompt_ids(self.tokenizer, messages, chat_template, add_generation_prompt, chat_template_kwargs)
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def chat_stream(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
+                    chat_template: str | None = None, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> Iterator[dict]:
+        """`stream` on conversations, as `chat` takes them; a delta's `index` is its conversation's."""
+        prompts = chat_prompt_ids(self.tokenizer, messages, chat_template, add_generation_prompt, chat_template_kwargs)
+        return self.stream(prompts, sampling_params)
 
     def _run(self, requests: list[RequestState], use_tqdm: bool) -> Iterator[dict]:
         """Step until the scheduler is empty, yielding stream deltas after each step."""

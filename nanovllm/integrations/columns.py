@@ -22,6 +22,10 @@ ROW_PARAM_COLUMNS = tuple(name for name in ("max_tokens", "temperature", "seed")
                           if name in SamplingParams.__dataclass_fields__)
 _INT_FIELDS = frozenset({"max_tokens", "seed"})
 OUTPUT_COLUMNS = ("generated_text", "generated_token_ids", "finish_reason")
+# Rows per batch: a few hundred sequences fill a GPU engine's batch (max_num_seqs 512), and
+# with two batches in flight per engine the next one is queued before the last one drains.
+DEFAULT_BATCH_SIZE = 256
+DEFAULT_MAX_CONCURRENT_BATCHES = 2
 
 Prompt = str | list[int]
 
@@ -89,9 +93,9 @@ def with_outputs(batch, outputs: list[dict]):
            "generated_token_ids": [list(out["token_ids"]) for out in outputs],
            "finish_reason": [out["finish_reason"] for out in outputs]}
     if isinstance(batch, dict):  # NOTE: a new dict: Ray's zero-copy batches are read-only
-        return {**batch, **{name: _object_array(values) for name, values in new.items()}}
+        return {**batch, **{name: object_array(values) for name, values in new.items()}}
     if _batch_kind(batch) == "pandas":
-        return batch.assign(**{name: _object_array(values) for name, values in new.items()})
+        return batch.assign(**{name: object_array(values) for name, values in new.items()})
     import pyarrow as pa  # the batch is a pyarrow Table, so pyarrow is there
 
     types = {"generated_text": pa.string(), "generated_token_ids": pa.list_(pa.int64()),
@@ -102,15 +106,40 @@ def with_outputs(batch, outputs: list[dict]):
     return table
 
 
+def row_request(row: dict, prompt_column: str | None = None) -> tuple[Prompt, dict]:
+    """One row read from a file -> its prompt and its per-row SamplingParams overrides; a
+    ValueError says what is missing or wrong."""
+    names = (prompt_column,) if prompt_column else DEFAULT_PROMPT_COLUMNS
+    name = next((n for n in names if row.get(n) is not None), None)
+    if name is None:
+        raise ValueError(f"no {' or '.join(map(repr, names))} key: every row needs a prompt (a string)"
+                         + ("" if prompt_column else " or token_ids (a list of int token ids)"))
+    prompt = _as_prompt(row[name])
+    if prompt is None:
+        raise ValueError(f"{name!r} must be a string or a list of int token ids, got "
+                         f"{type(row[name]).__name__}: {row[name]!r:.80}")
+    if not prompt:
+        raise ValueError(f"{name!r} is empty")
+    overrides = {c: value for c in ROW_PARAM_COLUMNS if (value := _scalar(c, row.get(c))) is not None}
+    return prompt, overrides
+
+
 def _prompt(column: str, i: int, value) -> Prompt:
+    prompt = _as_prompt(value)
+    if prompt is None:
+        raise TypeError(f"row {i}: column {column!r} must hold strings or lists of int token ids, "
+                        f"got {type(value).__name__}: {value!r:.80}")
+    return prompt
+
+
+def _as_prompt(value) -> Prompt | None:
     if isinstance(value, str):
         return value
     if isinstance(value, np.ndarray):  # a list column arrives from Arrow as an int64 array per row
         value = value.tolist()
     if isinstance(value, (list, tuple)) and all(_is_token_id(t) for t in value):
         return [int(t) for t in value]
-    raise TypeError(f"row {i}: column {column!r} must hold strings or lists of int token ids, "
-                    f"got {type(value).__name__}: {value!r:.80}")
+    return None
 
 
 def _is_token_id(t) -> bool:
@@ -143,7 +172,7 @@ def _scalar(name: str, value):
     return value
 
 
-def _object_array(values: list) -> np.ndarray:
+def object_array(values: list) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     for i, value in enumerate(values):  # NOTE: one by one: equal-length lists would become a 2-D array
         out[i] = value

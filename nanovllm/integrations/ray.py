@@ -37,14 +37,10 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 
-from nanovllm.integrations.columns import Prompt, requests_from_batch, sampling_params_from, with_outputs
+from nanovllm.integrations.columns import (DEFAULT_BATCH_SIZE, DEFAULT_MAX_CONCURRENT_BATCHES, Prompt,
+                                           requests_from_batch, sampling_params_from, with_outputs)
 from nanovllm.llm import LLM
 from nanovllm.sampling_params import SamplingParams
-
-# Rows per batch: a few hundred sequences fill a GPU engine's batch (max_num_seqs 512), and
-# with two batches in flight per actor the next one is queued before the last one drains.
-DEFAULT_BATCH_SIZE = 256
-DEFAULT_MAX_CONCURRENT_BATCHES = 2
 
 
 @dataclass(slots=True, eq=False)
@@ -186,11 +182,12 @@ class LLMPredictor:
 def predict(ds, model: str, *, sampling_params: SamplingParams | dict | None = None,
             prompt_column: str | None = None, replicas: int = 1, tensor_parallel_size: int = 1,
             batch_size: int = DEFAULT_BATCH_SIZE, max_concurrent_batches: int = DEFAULT_MAX_CONCURRENT_BATCHES,
-            batch_format: str = "numpy", **llm_kwargs):
+            batch_format: str = "numpy", predictor: type = LLMPredictor, **llm_kwargs):
     """`ds` (a Ray Dataset) with the generation columns added, lazily: `replicas` engines, each
     on `tensor_parallel_size` GPUs (CPU processes when `device="cpu"` or the cluster has no
     GPU), `max_concurrent_batches` batches of `batch_size` rows in each engine at once.
-    `batch_format="pyarrow"` passes the other columns through without a numpy round trip."""
+    `batch_format="pyarrow"` passes the other columns through without a numpy round trip.
+    `predictor`: the callable class each actor runs, built with LLMPredictor's arguments."""
     for name, value in (("replicas", replicas), ("tensor_parallel_size", tensor_parallel_size),
                         ("batch_size", batch_size), ("max_concurrent_batches", max_concurrent_batches)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -205,7 +202,7 @@ def predict(ds, model: str, *, sampling_params: SamplingParams | dict | None = N
     resources = {"num_gpus": tensor_parallel_size} if on_gpu else {"num_cpus": tensor_parallel_size}
     compute, remote_args = _actor_pool(ray, replicas, max_concurrent_batches)
     return ds.map_batches(
-        LLMPredictor,
+        predictor,
         fn_constructor_kwargs=dict(model=model, sampling_params=sampling_params, prompt_column=prompt_column,
                                    tensor_parallel_size=tensor_parallel_size, **llm_kwargs),
         compute=compute, batch_size=batch_size, batch_format=batch_format, **resources, **remote_args)

@@ -1,8 +1,11 @@
-"""`python -m nanovllm.batch`: a JSONL file round trip on a local Ray cluster (2 replicas),
-in this process when Ray cannot be imported, and with `--no-ray`; every path writes the
-same rows, equal to `LLM.generate` on the same prompts."""
+"""`python -m nanovllm.batch` with rows (our columns): a JSONL file round trip in this process
+when Ray cannot be imported, and with `--no-ray`, equal to `LLM.generate` on the same prompts;
+user mistakes found before the model loads, as one line and exit code 2, with no output file.
+(The engine side is the same for both input formats: test_batch_openai runs it on Ray.)"""
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -41,8 +44,8 @@ def expected(path) -> list[dict]:
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
     finally:
         llm.exit()
-    # every input column is kept: a row without a max_tokens key gets null, as in Arrow
-    return [{"max_tokens": None, **r, "generated_text": o["text"], "generated_token_ids": o["token_ids"],
+    # every input key is kept, and a key a row lacks stays absent
+    return [{**r, "generated_text": o["text"], "generated_token_ids": o["token_ids"],
              "finish_reason": o["finish_reason"]} for r, o in zip(ROWS, outs)]
 
 
@@ -78,28 +81,85 @@ def test_no_ray_flag_writes_parquet_into_a_directory(path, input_file, tmp_path,
     output = tmp_path / "out"
     assert batch_cli.main(cli(path, input_file, str(output), "--no-ray")) == 0
     assert os.listdir(output) == ["part-00000.parquet"]
-    assert pq.read_table(output / "part-00000.parquet").to_pylist() == expected
+    # a column holds every row: a row without max_tokens has null there
+    assert pq.read_table(output / "part-00000.parquet").to_pylist() == [{"max_tokens": None, **e} for e in expected]
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(path, input_file, tmp_path, monkeypatch):
+def test_parquet_without_pyarrow_is_a_clear_error(path, input_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "pyarrow", None)
-    with pytest.raises(ImportError, match="Parquet needs pyarrow: pip install pyarrow"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "out.parquet"), "--no-ray"))
+    assert batch_cli.main(cli(path, input_file, str(tmp_path / "out.parquet"), "--no-ray")) == 2
+    assert "error: Parquet needs pyarrow: pip install pyarrow" in capsys.readouterr().err
 
 
-def test_bad_arguments(path, input_file, tmp_path):
-    with pytest.raises(FileNotFoundError, match="input not found"):
-        batch_cli.main(cli(path, str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"), "--no-ray"))
-    with pytest.raises(ValueError, match="--format parquet contradicts the output's extension '.jsonl'"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--format", "parquet", "--no-ray"))
-    with pytest.raises(ValueError, match="temperature must be .*got -1"):
-        batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--no-ray", "--temperature", "-1"))
+@pytest.mark.parametrize("extra, message", [
+    (("--format", "parquet"), "--format parquet contradicts the output's extension '.jsonl'"),
+    (("--temperature", "-1"), "temperature must be .*got -1"),
+    (("--sampling-params", '{"max_token": 3}'), r"unknown sampling_params field\(s\) \['max_token'\]"),
+    (("--engine-kwargs", '{"block_size": 16}'), r"unknown config keyword\(s\) \['block_size'\]"),
+])
+def test_bad_arguments_are_one_line_errors(path, input_file, tmp_path, capsys, extra, message):
+    assert batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--no-ray", *extra)) == 2
+    err = capsys.readouterr().err
+    assert re.search("^nanovllm.batch: error: .*" + message, err) and err.count("\n") == 1
+    assert not os.listdir(tmp_path) or os.listdir(tmp_path) == ["prompts.jsonl"]
+
+
+def test_bad_paths_are_one_line_errors(path, input_file, tmp_path, capsys):
+    assert batch_cli.main(cli(path, str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl"))) == 2
+    assert "error: input not found" in capsys.readouterr().err
+    assert batch_cli.main(cli(str(tmp_path / "nonexistent"), input_file, str(tmp_path / "o.jsonl"))) == 2
+    assert "error: --model " + str(tmp_path / "nonexistent") in capsys.readouterr().err
     with pytest.raises(SystemExit):
         batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--replicas", "0"))
 
 
-def test_on_ray_two_replicas_round_trip(ray_cluster, path, input_file, tmp_path, expected, capsys):
-    output = str(tmp_path / "out.jsonl")
-    assert batch_cli.main(cli(path, input_file, output, "--replicas", "2")) == 0
-    assert "24 rows in" in capsys.readouterr().err
-    assert read_jsonl(output) == expected  # in input order
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fail the test if an engine starts: the checks must come before the model loads."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an engine was started")
+    monkeypatch.setattr("nanovllm.integrations.ray.EngineLoop", refuse)
+
+
+def test_every_bad_row_is_reported_before_the_model_loads(path, tmp_path, capsys, no_engine):
+    file = tmp_path / "rows.jsonl"
+    lines = ['\ufeff{"prompt": "t5"}', '{"id": 1}', "", '{"prompt": "t5",', '{"prompt": "t5", "max_tokens": 0}',
+             '{"token_ids": [5, "t6"]}']  # a UTF-8 BOM first: accepted
+    file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    output = tmp_path / "out.jsonl"
+    assert batch_cli.main(["--model", path, "--input", str(file), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"nanovllm.batch: error: {file}:2: no 'prompt' or 'token_ids' key")
+    assert "(and 3 more bad rows)" in err and f"{file}:4: not valid JSON: Expecting property name" in err
+    assert f"{file}:5: max_tokens must be an integer >= 1, got 0" in err
+    assert f"{file}:6: 'token_ids' must be a string or a list of int token ids" in err
+    assert f"{file}:1:" not in err and not output.exists()
+
+
+def test_a_row_the_engine_rejects_leaves_no_output_file(path, tmp_path, capsys):
+    rows = ROWS[:5] + [{"prompt": " ".join(["t7"] * 300)}] + ROWS[5:10]  # longer than max_model_len
+    file = tmp_path / "rows.jsonl"
+    file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out" / "result.jsonl"
+    assert batch_cli.main(cli(path, str(file), str(output), "--no-ray")) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err == (f"nanovllm.batch: error: {file}:6: prompt length 300 + max_tokens {MAX_TOKENS} = "
+                   f"{300 + MAX_TOKENS} exceeds max_model_len 256")
+    assert os.listdir(output.parent) == []  # neither the file nor its temporary
+
+
+def test_help_is_fast_and_shows_every_default():
+    code = ("import sys, contextlib, io\n"
+            "from nanovllm import batch\n"
+            "out = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n"
+            "    batch.main(['--help'])\n"
+            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'heavy import before --help'\n"
+            "print(out.getvalue())\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    text = subprocess.run([sys.executable, "-c", code], check=True, cwd=repo, capture_output=True, text=True).stdout
+    options = " ".join(text.split("options:")[1].split())
+    for flag, default in [("--batch-size", 256), ("--max-concurrent-batches", 2), ("--replicas", 1),
+                          ("--max-tokens", None), ("--input-format", "auto"), ("--no-ray", False)]:
+        help_text = options.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert f"(default: {default})" in help_text, (flag, help_text)

@@ -107,3 +107,14 @@ def test_capital_of_france(demo):
     assert "Paris" in out["text"]
     # <|im_end|> ends the answer: no stop at max_tokens, and no special token in the text
     assert out["finish_reason"] == "stop" and "<|im_end|>" not in out["text"]
+
+
+def test_llm_chat_equals_generate_on_the_templated_prompt(demo):
+    """`LLM.chat` applies the GGUF tokenizer's own template: token for token generate's output."""
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    conversations = [[{"role": "user", "content": q}] for q in CHAT_PROMPTS[:2]]
+    outs = demo.chat(conversations, params, use_tqdm=False)
+    prompts = [chat(demo, q) for q in CHAT_PROMPTS[:2]]
+    expected = demo.generate(prompts, params, use_tqdm=False)
+    assert [o["prompt_token_ids"] for o in outs] == prompts
+    assert [o["token_ids"] for o in outs] == [e["token_ids"] for e in expected]
