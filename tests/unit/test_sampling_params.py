@@ -12,7 +12,7 @@ BAD_VALUES = {
     "top_p": [0, -0.5, 1.01, math.nan, "0.9", None],
     "top_k": [-2, 1.5, True, None],
     "min_p": [-0.1, 1.1, math.nan, None],
-    "seed": [1.0, "7", True],
+    "seed": [1.0, "7", True, 2**63, -2**63 - 1, 2**70],
     "max_tokens": [0, -3, 2.0, True, None],
     "min_tokens": [-1, 65, 1.0, None],         # 65 > the default max_tokens of 64
     "ignore_eos": [0, 1, "yes", None],
@@ -38,7 +38,7 @@ def test_every_field_is_validated():
 
 @pytest.mark.parametrize("kwargs", [
     dict(n=4), dict(temperature=0), dict(temperature=2.5), dict(top_p=1), dict(top_p=1e-9), dict(top_k=-1),
-    dict(top_k=0), dict(top_k=50), dict(min_p=0), dict(min_p=1), dict(seed=0), dict(seed=-5), dict(seed=2**70),
+    dict(top_k=0), dict(top_k=50), dict(min_p=0), dict(min_p=1), dict(seed=0), dict(seed=-5), dict(seed=2**63 - 1), dict(seed=-2**63),
     dict(max_tokens=1, min_tokens=1), dict(logprobs=0), dict(logprobs=20), dict(stop=["a", "bc"]),
     dict(stop_token_ids=[0, 151643]), dict(repetition_penalty=0.5), dict(presence_penalty=-2),
     dict(frequency_penalty=2),
