@@ -104,6 +104,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         self._in_flight: InFlight | None = None
         self._busy = threading.Lock()   # held by the one generate() or started stream() that runs
+        self._num_calls = self._collected_for = 0
 
     def engine_info(self) -> dict:
         blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
@@ -281,7 +282,8 @@ class LLMEngine:
     def _check_idle(self, what: str) -> None:
         if not self._finalizer.alive:
             raise RuntimeError(f"{what} on an LLM that was shut down (exit() was called); make a new LLM")
-        if self._busy.locked():
+        if self._busy.locked() and self._collected_for != self._num_calls:
+            self._collected_for = self._num_calls  # NOTE: a full collection is slow: once per holder
             gc.collect()  # an abandoned, half-read stream in a reference cycle lets go when collected
         if self._busy.locked():
             raise RuntimeError(BUSY.format(what=what))
@@ -292,6 +294,7 @@ class LLMEngine:
         self._check_idle(what)
         if not self._busy.acquire(blocking=False):  # another thread won the race since the check
             raise RuntimeError(BUSY.format(what=what))
+        self._num_calls += 1
         try:
             yield
         finally:
