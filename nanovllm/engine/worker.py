@@ -1,8 +1,9 @@
 """Tensor-parallel workers: ranks 1..N-1 in spawned processes, driven by rank 0.
 
 Rank 0 (the user's process) sends each call through a shared-memory buffer and wakes
-the workers with one event each; every worker acknowledges that it has copied the
-message out before rank 0 may write the next one. The step's tensors travel in the
+the workers with one semaphore each; every worker acknowledges (another semaphore) that
+it has copied the message out before rank 0 may write the next one. NOTE: semaphores,
+not Events: Event.set() waits for its sleepers to wake, forever if one is stopped. The step's tensors travel in the
 message; the model's collectives (NCCL on CUDA, gloo on CPU) then run in lockstep.
 
 Rank 0 hosts the rendezvous store and waits for every worker to join it while polling
@@ -70,10 +71,8 @@ class WorkerGroup:
 
     def _start(self, config: Config, model_config: ModelConfig, max_model_len: int) -> None:
         ctx = mp.get_context("spawn")
-        self.wake = [ctx.Event() for _ in range(self.world_size - 1)]
-        self.acked = [ctx.Event() for _ in range(self.world_size - 1)]
-        for e in self.acked:
-            e.set()
+        self.wake = [ctx.Semaphore(0) for _ in range(self.world_size - 1)]
+        self.acked = [ctx.Semaphore(1) for _ in range(self.world_size - 1)]  # nothing sent yet: "acknowledged"
         os.environ.update(NCCL_SAFE_ENV)  # inherited by the spawned workers too
         self.procs = [
             ctx.Process(target=worker_main, name=f"nanovllm-tp{rank}", daemon=True,
@@ -128,25 +127,27 @@ class WorkerGroup:
             self._resize(HEADER.size + len(payload))
         self._send(payload)
 
-    def _wait_acked(self) -> None:
-        for e in self.acked:
-            while not e.wait(POLL_SECONDS):
+    def _wait_acked(self, keep: bool = False) -> None:
+        """Wait until every worker has copied the last message out; `keep`: leave that
+        acknowledgement for the next send to consume."""
+        for acked in self.acked:
+            while not acked.acquire(timeout=POLL_SECONDS):
                 self.check_step()
+            if keep:
+                acked.release()
 
     def _send(self, payload: bytes) -> None:
         self._wait_acked()  # the last message has been copied out by everyone
-        for e in self.acked:
-            e.clear()
         _write(self.shm, payload)
         self.last_call = time.monotonic()
-        for e in self.wake:
-            e.set()
+        for wake in self.wake:
+            wake.release()
 
     def _resize(self, needed: int) -> None:
         new = SharedMemory(create=True, size=max(needed, 2 * self.shm.size),
                            name=f"nanovllm_{os.getpid()}_{uuid.uuid4().hex[:12]}")
         self._send(pickle.dumps(("_resize", (new.name,))))
-        self._wait_acked()  # everyone has switched before the old buffer goes
+        self._wait_acked(keep=True)  # everyone has switched before the old buffer goes
         self._unlink()
         self.shm = new
 
@@ -170,6 +171,8 @@ class WorkerGroup:
     def kill(self, grace_s: float = 0) -> None:
         """Stop the workers after `grace_s` (0: at once) and free the shared memory."""
         for p in self.procs:
+            if p.pid is None:  # never started
+                continue
             p.join(timeout=grace_s)
             if p.is_alive():
                 p.kill()  # NOTE: SIGKILL ends a stopped (SIGSTOP) process too
@@ -194,17 +197,16 @@ def worker_main(config: Config, model_config: ModelConfig, max_model_len: int, r
     parent = mp.parent_process()
     try:
         while True:
-            while not wake.wait(POLL_SECONDS):
+            while not wake.acquire(timeout=POLL_SECONDS):
                 if parent is not None and not parent.is_alive():
                     return
-            wake.clear()
             method, args = pickle.loads(_read(shm))
             if method == "_resize":
                 shm.close()
                 shm = SharedMemory(name=args[0])
-                acked.set()
+                acked.release()
                 continue
-            acked.set()
+            acked.release()
             if method == "exit":
                 return
             getattr(runner, method)(*args)
