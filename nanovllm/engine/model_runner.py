@@ -113,6 +113,7 @@ class ModelRunner:
         per_block = block_bytes(m.num_hidden_layers, self.block_size, num_kv_heads, m.head_dim,
                                 kv_cache_dtype(cfg.kv_cache_dtype, self.dtype))
         if cfg.num_kvcache_blocks != -1:
+            check_kv_cache_fits(cfg.num_kvcache_blocks, per_block, self.device)
             return cfg.num_kvcache_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
