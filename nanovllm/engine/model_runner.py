@@ -20,6 +20,7 @@ from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import in_tp_group, tp_size
 
 logger = logging.getLogger("nanovllm")
+NCCL_WATCHDOG_MARGIN_S = 60   # NCCL's timeout beyond step_timeout_s (see _init_distributed)
 
 
 class ModelRunner:
@@ -63,10 +64,12 @@ class ModelRunner:
             return None
         if dist.is_initialized():
             raise RuntimeError("a tensor-parallel LLM already runs in this process; call its exit() first")
-        # NOTE: a collective waiting longer than step_timeout_s (a stuck peer) raises instead of hanging
+        # NOTE: a gloo collective waiting longer than step_timeout_s (a stuck peer) raises instead of
+        # hanging; NCCL's own watchdog tears the process down, so rank 0's polling one must fire first
+        margin = NCCL_WATCHDOG_MARGIN_S if self.device.type == "cuda" else 0
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=store,
                                 world_size=world_size, rank=self.rank,
-                                timeout=timedelta(seconds=self.config.step_timeout_s),
+                                timeout=timedelta(seconds=self.config.step_timeout_s + margin),
                                 device_id=self.device if self.device.type == "cuda" else None)
         return dist.group.WORLD
 

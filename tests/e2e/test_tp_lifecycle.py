@@ -38,7 +38,7 @@ SCENARIOS = textwrap.dedent('''
 
     if __name__ == "__main__":
         good, bad_shape = sys.argv[1:3]
-        no_kv_memory = {**ENGINE, "num_kvcache_blocks": -1, "cpu_kvcache_bytes": 1}
+        no_kv_memory = {**ENGINE, "num_kvcache_blocks": -1, "cpu_kvcache_bytes": 1, "gpu_memory_utilization": 1e-3}
         for path, kwargs, error in [(bad_shape, ENGINE, ValueError), (good, no_kv_memory, RuntimeError)]:
             try:
                 LLM(path, tensor_parallel_size=2, **kwargs)
