@@ -25,13 +25,14 @@ def llm(checkpoint):
     engine.exit()
 
 
-@pytest.fixture(scope="module")
-def expected(llm) -> list[list[int]]:
-    return [out["token_ids"] for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
-
-
 def token_ids(llm: LLM) -> list[list[int]]:
     return [out["token_ids"] for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def expected(llm) -> list[list[int]]:
+    """A lone caller's results."""
+    return token_ids(llm)
 
 
 def streamed(deltas) -> dict[int, list[int]]:
