@@ -252,7 +252,8 @@ def prepare_model(model_config: str, load_format: str) -> str:
     make_bench_tokenizer(config["vocab_size"]).save_pretrained(tmp)
     seal(tmp, recipe)
     import shutil
-    shutil.rmtree(path, ignore_errors=True)  # a damaged or unsealed copy
+    if not is_intact(path):  # a damaged or unsealed copy (not one another process just finished)
+        shutil.rmtree(path, ignore_errors=True)
     try:
         os.rename(tmp, path)  # NOTE: atomic, so a half-written checkpoint is never found at `path`
     except OSError:           # another process finished first; keep its copy
