@@ -5,8 +5,8 @@ the next use):
 - `gguf/<key>/`: a GGUF checkpoint converted to float32 safetensors + its tokenizer, keyed
   by the file's content, not its path (a copy in another virtualenv reuses it). About 5x
   the .gguf for 4-bit files: the demo's 98 MB GGUF becomes ~520 MB.
-- `qwen3-0.6b-random-<key>/`: bench.py's random-weight bf16 Qwen3-0.6B (~1.2 GB), made
-  only when it runs without `--model`.
+- `<model>-random-<key>/`: bench.py's random-weight bf16 checkpoints (Qwen3-0.6B: ~1.2 GB),
+  made only when it runs without `--model`.
 
 Every cached folder carries a manifest of its files' sizes, written last: a folder whose
 manifest is missing or does not match (an interrupted copy, a truncated file) is rebuilt.
