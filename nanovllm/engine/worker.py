@@ -31,6 +31,7 @@ INITIAL_BUFFER_BYTES = 1 << 22         # grows on demand (a resize message trave
 POLL_SECONDS = 0.5                     # how often a waiting side checks that its peer lives
 START_TIMEOUT_SECONDS = 600            # the store's wait for a peer's address during the rendezvous
 JOINED_KEY = "nanovllm_joined"         # each worker adds 1 once connected to rank 0's store
+EXIT_VISIBLE_SECONDS = 2              # after a failed collective, how long a dying worker may take to show
 KILL_GRACE_SECONDS = 30                # a healthy worker's time to leave after 'exit'
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -113,12 +114,17 @@ class WorkerGroup:
             raise WorkerDied(self.failure)
 
     def explain(self) -> WorkerDied | None:
-        """After a step's collective failed: the worker failure behind it, if there is one."""
-        try:
-            self.check_step()
-        except WorkerDied as e:
-            return e
-        return None
+        """After a step's collective failed: the worker failure behind it, if there is one.
+        NOTE: a killed worker's sockets close a moment before its exit code shows: wait a little."""
+        deadline = time.monotonic() + EXIT_VISIBLE_SECONDS
+        while True:
+            try:
+                self.check_step()
+            except WorkerDied as e:
+                return e
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(POLL_SECONDS / 10)
 
     def call(self, method: str, *args) -> None:
         """Ask every worker to run `ModelRunner.<method>(*args)`."""
