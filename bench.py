@@ -204,7 +204,8 @@ def structured_outputs(kind: str, workload: Workload, max_token_chars: int) -> d
 # ---------------------------------------------------------------- model checkpoint
 
 def cache_root() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanovllm")
+    from nanovllm.utils.cache import cache_dir  # NOTE: lazily: importing nanovllm imports torch
+    return cache_dir()
 
 
 def load_model_config(name: str) -> dict:
@@ -234,7 +235,8 @@ def prepare_model(model_config: str, load_format: str) -> str:
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     slug = os.path.splitext(os.path.basename(model_config))[0]
     path = os.path.join(cache_root(), f"{slug}-random-{key}")
-    if os.path.isdir(path):
+    from nanovllm.utils.cache import is_intact, seal
+    if is_intact(path):
         return path
     print(f"Making a random {model_config} checkpoint ({'weights' if weights else 'config + tokenizer only'})"
           f" once at {path}", file=sys.stderr)
@@ -248,10 +250,13 @@ def prepare_model(model_config: str, load_format: str) -> str:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"torch_dtype": "bfloat16", **config}, f, indent=2)
     make_bench_tokenizer(config["vocab_size"]).save_pretrained(tmp)
+    seal(tmp, recipe)
+    import shutil
+    if not is_intact(path):  # a damaged or unsealed copy (not one another process just finished)
+        shutil.rmtree(path, ignore_errors=True)
     try:
         os.rename(tmp, path)  # NOTE: atomic, so a half-written checkpoint is never found at `path`
     except OSError:           # another process finished first; keep its copy
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 

@@ -9,6 +9,10 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 with per-token scales
 LOAD_FORMATS = ("auto", "dummy")  # auto: the safetensors files; dummy: small random weights, no files read
+MAX_STEP_TIMEOUT_S = 7 * 24 * 3600   # a week: beyond it the collectives' timedelta is meaningless
+# config.json fields every supported architecture needs (the rest have defaults)
+QWEN_MAX_WINDOW_LAYERS = 28   # transformers' Qwen2/Qwen3 default for max_window_layers
+REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -44,12 +48,19 @@ class Config:
     kv_cache_dtype: str = "auto"          # auto: the model dtype; fp8: e4m3, half the bytes (triton/torch)
     seed: int = 0                         # seeds the shared sampling generator
     load_format: str = "auto"             # "dummy": random weights in place (benchmarks without weight files)
+    step_timeout_s: float = 600.0         # tensor parallel: a step (or start-up collective) stuck longer fails
 
     def __post_init__(self):
         _check(isinstance(self.model, str) and len(self.model) > 0, "model", self.model, "a non-empty path")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "tensor_parallel_size"):
+        for name in ("max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             value = getattr(self, name)
             _check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
+        # NOTE: a request is at least one prompt token plus one generated token
+        _check(_is_int(self.max_model_len) and self.max_model_len >= 2, "max_model_len", self.max_model_len,
+               "an integer >= 2 (one prompt token + one generated token)")
+        _check(isinstance(self.step_timeout_s, (int, float)) and not isinstance(self.step_timeout_s, bool)
+               and 0 < self.step_timeout_s <= MAX_STEP_TIMEOUT_S, "step_timeout_s", self.step_timeout_s,
+               f"a number of seconds in (0, {MAX_STEP_TIMEOUT_S}]")
         _check(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
                "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
         bs = self.kvcache_block_size
@@ -98,12 +109,47 @@ class Config:
 
 
 def read_hf_config(path: str) -> dict:
-    """The model directory's config.json, as a dict."""
+    """The model directory's config.json, as a dict; a one-line ValueError naming the file
+    when it is not a JSON object or lacks a required field."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in model directory {path!r}")
-    with open(config_path) as f:
-        return json.load(f)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = "is empty" if os.path.getsize(config_path) == 0 else f"is not valid JSON ({e})"
+        raise ValueError(f"{config_path} {what}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got a {type(hf).__name__}")
+    for name in REQUIRED_HF_FIELDS:
+        value = hf.get(name)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{config_path}: {name!r} must be an integer >= 1, got "
+                             f"{'nothing (missing)' if name not in hf else repr(value)}")
+    return hf
+
+
+def check_sliding_window(hf: dict, max_model_len: int) -> None:
+    """Refuse a sliding-window model: our attention backends attend to the whole context.
+    A window at least `max_model_len` long never slides, so it is accepted."""
+    window = hf.get("sliding_window")
+    if not _is_int(window) or window >= max_model_len:
+        return
+    layers, layer_types = hf.get("num_hidden_layers", 0), hf.get("layer_types")
+    if isinstance(layer_types, list):  # transformers v5 writes each layer's kind
+        sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        field = "layer_types"
+    elif "use_sliding_window" in hf:  # Qwen2/Qwen3: layers from max_window_layers on slide
+        first = hf.get("max_window_layers", QWEN_MAX_WINDOW_LAYERS)
+        sliding = list(range(first, layers)) if hf["use_sliding_window"] and _is_int(first) else []
+        field = "use_sliding_window"
+    else:  # Mistral-style: every layer slides
+        sliding, field = list(range(layers)), "sliding_window"
+    if sliding:
+        raise ValueError(f"config.json: {field} makes layers {sliding[0]}..{sliding[-1]} attend to a sliding "
+                         f"window of {window} tokens, which is not supported; pass max_model_len <= {window} "
+                         f"(the window then never slides)")
 
 
 def _moe_fields(hf: dict) -> dict:

@@ -1,6 +1,7 @@
 """Per-request sampling settings (vLLM's names and semantics), validated when the object is made."""
 import math
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, fields
+from numbers import Integral, Real
 
 # OpenAI's (and vLLM's) range for presence_penalty and frequency_penalty
 MAX_ABS_ADDITIVE_PENALTY = 2.0
@@ -8,8 +9,11 @@ MAX_ABS_ADDITIVE_PENALTY = 2.0
 # this a logit overflows to inf and the distribution turns NaN (vLLM samples greedily below
 # 1e-5 too); far above it the value no longer fits a float32 (or flips every logit to -inf).
 MIN_DIVISOR = 1e-5
+MAX_REPETITION_PENALTY = 1e5    # 1 / MIN_DIVISOR, written out: 1 / 1e-5 is 99999.99999999999 in floats
 FLOAT32_MAX = 3.4028234663852886e38
 INT64_MAX = 2**63 - 1   # top_k travels in an int64 tensor
+# Seeds are hashed modulo 2**64 (splitmix64): the int64 range keeps distinct seeds distinct
+MIN_SEED, MAX_SEED = -2**63, 2**63 - 1
 
 
 def _is_int(x) -> bool:
@@ -18,6 +22,17 @@ def _is_int(x) -> bool:
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _plain(x):
+    """numpy (or other numbers-ABC) scalars -> Python int / float; anything else unchanged."""
+    if type(x) in (bool, int, float):
+        return x
+    if isinstance(x, Integral):
+        return int(x)
+    if isinstance(x, Real):
+        return float(x)
+    return x
 
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
@@ -51,13 +66,15 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI: subtracted once per occurrence in the output
 
     def __post_init__(self):
-        # normalize before validating: a single stop string or a list are accepted
+        # normalize before validating: numpy scalars, a single stop string or a list are accepted
+        for f in fields(self):
+            object.__setattr__(self, f.name, _plain(getattr(self, f.name)))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         elif isinstance(self.stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(self.stop))
         if isinstance(self.stop_token_ids, (list, tuple)):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+            object.__setattr__(self, "stop_token_ids", tuple(_plain(t) for t in self.stop_token_ids))
         self._check_sampling()
         self._check_lengths()
         self._check_stops()
@@ -72,7 +89,9 @@ class SamplingParams:
         _check(_is_int(self.top_k) and (0 <= self.top_k <= INT64_MAX or self.top_k == -1), "top_k", self.top_k,
                "-1 or 0 (off), or an integer in [1, 2**63 - 1]")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "in [0, 1]")
-        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "None or an integer")
+        # NOTE: sample k of n draws with seed + k
+        _check(self.seed is None or (_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED - (self.n - 1)),
+               "seed", self.seed, f"None or an integer in [-2**63, 2**63 - n] (n={self.n})")
         _check(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0), "logprobs",
                self.logprobs, "None or an integer >= 0")
 
@@ -89,8 +108,9 @@ class SamplingParams:
                "stop_token_ids", self.stop_token_ids, "a list of integer token ids >= 0")
 
     def _check_penalties(self) -> None:
-        _check(_is_number(self.repetition_penalty) and MIN_DIVISOR <= self.repetition_penalty <= 1 / MIN_DIVISOR,
-               "repetition_penalty", self.repetition_penalty, f"in [{MIN_DIVISOR}, {1 / MIN_DIVISOR:g}] (1 = off)")
+        _check(_is_number(self.repetition_penalty)
+               and MIN_DIVISOR <= self.repetition_penalty <= MAX_REPETITION_PENALTY,
+               "repetition_penalty", self.repetition_penalty, f"in [{MIN_DIVISOR}, {MAX_REPETITION_PENALTY:g}] (1 = off)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and abs(value) <= MAX_ABS_ADDITIVE_PENALTY, name, value,

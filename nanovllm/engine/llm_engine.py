@@ -1,5 +1,6 @@
 """The engine: request intake and validation, the step loop, detokenization, progress."""
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -10,12 +11,12 @@ import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from nanovllm.config import Config, ModelConfig, read_hf_config
+from nanovllm.config import Config, ModelConfig, check_sliding_window, read_hf_config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.chat import chat_prompt_ids
 from nanovllm.engine.input_batch import build_step_inputs
@@ -24,13 +25,15 @@ from nanovllm.engine.output_processor import OutputProcessor, RequestState
 from nanovllm.engine.sampling_batch import PendingOutput, StepOutput
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.engine.worker import WorkerDied, WorkerGroup
+from nanovllm.engine.worker import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.model_path import resolve_model_path
+from nanovllm.utils.model_path import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("nanovllm")
 
 Prompt = str | list[int]
+BUSY = ("{what}: this LLM is already running a generate()/stream() (in another thread, or a stream not yet "
+        "exhausted); finish or close it first")
 
 
 def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
@@ -47,6 +50,12 @@ def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
         elif isinstance(src, list):
             ids.update(i for i in src if isinstance(i, int))
     return frozenset(ids)
+
+
+def _is_token_ids(prompt) -> bool:
+    """A sequence of integers (numpy's too); bytes are a sequence of ints, but never token ids."""
+    return (isinstance(prompt, SequenceABC) and not isinstance(prompt, (str, bytes, bytearray))
+            and all(isinstance(t, Integral) and not isinstance(t, bool) for t in prompt))
 
 
 @dataclass
@@ -70,7 +79,8 @@ class LLMEngine:
         # derived, never written back into the user's config
         self.max_model_len = min(self.config.max_model_len, self.model_config.max_position_embeddings)
         self.device = self.config.resolved_device
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        check_sliding_window(hf_config, self.max_model_len)
+        self.tokenizer = load_tokenizer(path)
         self.eos_token_ids = _eos_ids(path, self.tokenizer, hf_config)
         self.model_config.check_tensor_parallel(self.config.tensor_parallel_size)
         if self.device.type == "cuda" and self.config.tensor_parallel_size > torch.cuda.device_count():
@@ -80,12 +90,12 @@ class LLMEngine:
         if self.config.tensor_parallel_size > 1:
             self.workers = WorkerGroup(self.config, self.model_config, self.max_model_len)
         try:
-            init_method = self.workers.init_method if self.workers else None
+            store = self.workers.rendezvous() if self.workers else None
             self.model_runner = ModelRunner(self.config, self.model_config, self.max_model_len, self.device, 0,
-                                            init_method)
+                                            store)
         except BaseException:
             if self.workers:
-                self.workers.shutdown()
+                self.workers.kill()  # NOTE: nothing of theirs is worth waiting for
             raise
         self._finalizer = weakref.finalize(self, _shutdown, self.model_runner, self.workers)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size,
@@ -94,6 +104,8 @@ class LLMEngine:
                                    self.max_model_len, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
         self._in_flight: InFlight | None = None
+        self._busy = threading.Lock()   # held by the one generate() or started stream() that runs
+        self._num_calls = self._collected_for = 0
 
     def engine_info(self) -> dict:
         blocks, bs = self.model_runner.num_kvcache_blocks, self.config.kvcache_block_size
@@ -109,10 +121,8 @@ class LLMEngine:
                 token_ids = self.tokenizer.encode(prompt)
             except (TypeError, ValueError) as e:  # e.g. a lone surrogate
                 raise ValueError(f"prompts[{i}] cannot be tokenized: {e}") from e
-        # NOTE: bytes are a sequence of ints, but never token ids
-        elif (isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray))
-              and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-            token_ids = list(prompt)
+        elif _is_token_ids(prompt):
+            token_ids = [int(t) for t in prompt]  # NOTE: numpy integers become plain ints
         else:
             raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
         if not token_ids:
@@ -144,7 +154,7 @@ class LLMEngine:
 
     def make_requests(self, prompts, sampling_params) -> list[Sequence]:
         """Validate every request before any is queued: a bad one raises and none runs."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_token_ids(prompts)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a string, a list of token ids or a list of those, "
@@ -207,7 +217,7 @@ class LLMEngine:
 
     def _process(self, flight: InFlight) -> list[Sequence]:
         """Wait for a launched step's sampled ids, then advance its sequences and their outputs."""
-        output = flight.output.result(self.workers.check_alive if self.workers else None)
+        output = flight.output.result(self.workers.check_step if self.workers else None)
         finished, kept = self.scheduler.on_output(flight.batch, output.sampled)
         logprobs = {seq_id: lp for seq_id, lp in output.logprobs.items() if seq_id in kept}
         # text, stop strings (they finish sequences too), logprobs
@@ -229,11 +239,10 @@ class LLMEngine:
         self.workers.call("run", inputs)
         try:
             return self.model_runner.run(inputs)
-        except Exception as e:  # a collective failed: name the dead worker if there is one
-            try:
-                self.workers.check_alive()
-            except WorkerDied as died:
-                raise died from e
+        except Exception as e:  # a collective failed: name the dead or stuck worker if there is one
+            failure = self.workers.explain()
+            if failure is not None:
+                raise failure from e
             raise
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -248,9 +257,10 @@ class LLMEngine:
           outputs (when n > 1): the n completions, each with the fields above and its index;
             the top-level fields are the first's."""
         seqs = self.make_requests(prompts, sampling_params)
-        requests = self.outputs.add(seqs)
-        for _ in self._run(requests, use_tqdm):
-            pass
+        with self._exclusive("generate()"):
+            requests = self.outputs.add(seqs)
+            for _ in self._run(requests, use_tqdm):
+                pass
         return [request.output() for request in requests]
 
     def stream(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -259,13 +269,37 @@ class LLMEngine:
         "sample_index", "text": new text, "token_ids": new ids, "finished", "finish_reason",
         "stop_reason"} (+ "logprobs" when asked). A sample's deltas add up to generate's
         text and token_ids. Requests are validated now; they run as the iterator is consumed,
-        and closing it early drops them. One generate or stream runs at a time: the engine's
-        step loop serves every queued request."""
+        and closing it early drops them. One generate or stream runs at a time: a stream holds
+        the engine from its first next() until it is exhausted or closed, and another call
+        meanwhile raises RuntimeError (see docs/reliability.md)."""
+        self._check_idle("stream()")  # fail early; the engine is taken at the first next()
         seqs = self.make_requests(prompts, sampling_params)
         return self._stream(seqs)
 
     def _stream(self, seqs: list[Sequence]) -> Iterator[dict]:
-        yield from self._run(self.outputs.add(seqs, stream=True), use_tqdm=False)
+        with self._exclusive("stream()"):
+            yield from self._run(self.outputs.add(seqs, stream=True), use_tqdm=False)
+
+    def _check_idle(self, what: str) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError(f"{what} on an LLM that was shut down (exit() was called); make a new LLM")
+        if self._busy.locked() and self._collected_for != self._num_calls:
+            self._collected_for = self._num_calls  # NOTE: a full collection is slow: once per holder
+            gc.collect()  # an abandoned, half-read stream in a reference cycle lets go when collected
+        if self._busy.locked():
+            raise RuntimeError(BUSY.format(what=what))
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """One caller at a time: results of two callers would mix in the one step loop."""
+        self._check_idle(what)
+        if not self._busy.acquire(blocking=False):  # another thread won the race since the check
+            raise RuntimeError(BUSY.format(what=what))
+        self._num_calls += 1
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # ---- chat: conversations through the chat template, then generate / stream --------
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
@@ -319,8 +353,10 @@ def _shutdown(model_runner: ModelRunner, workers: WorkerGroup | None) -> None:
 
 @contextlib.contextmanager
 def _deferred_sigint():
-    """Hold a Ctrl-C that arrives mid-step until the step is done, then raise it."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold a Ctrl-C that arrives mid-step until the step is done, then raise it.
+    NOTE: only over Python's default handler; a handler the user set (or SIG_IGN) is theirs."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
         yield
         return
     caught = []

@@ -1,5 +1,6 @@
 """One tensor-parallel rank's model: weights, KV cache, CUDA graphs and the forward step."""
 import logging
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -7,7 +8,7 @@ import torch.distributed as dist
 from nanovllm.config import Config, ModelConfig
 from nanovllm.engine.cuda_graph import DecodeGraphs
 from nanovllm.engine.input_batch import StepInputs
-from nanovllm.engine.kv_cache import KVCachePool, block_bytes, kv_cache_dtype
+from nanovllm.engine.kv_cache import KVCachePool, block_bytes, check_kv_cache_fits, kv_cache_dtype
 from nanovllm.engine.piecewise_graphs import MAX_TOKENS as PIECEWISE_MAX_TOKENS
 from nanovllm.engine.piecewise_graphs import PiecewiseGraphs
 from nanovllm.engine.sampling_batch import PendingOutput
@@ -16,17 +17,28 @@ from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
 from nanovllm.utils.context import AttentionMetadata
 from nanovllm.utils.loader import load_model
-from nanovllm.utils.parallel import tp_size
+from nanovllm.utils.parallel import in_tp_group, tp_size
 
 logger = logging.getLogger("nanovllm")
+NCCL_WATCHDOG_MARGIN_S = 60   # NCCL's timeout beyond step_timeout_s (see _init_distributed)
 
 
 class ModelRunner:
     def __init__(self, config: Config, model_config: ModelConfig, max_model_len: int, device: torch.device,
-                 rank: int = 0, init_method: str | None = None):
+                 rank: int = 0, store: dist.Store | None = None):
         self.config, self.model_config = config, model_config
         self.max_model_len, self.device, self.rank = max_model_len, device, rank
-        self._init_distributed(init_method)
+        self.graphs = self.piecewise_graphs = None
+        self.tp_group = self._init_distributed(store)   # None at one rank: no collectives at all
+        try:
+            self._build()
+        except BaseException:
+            self.exit(abort=True)  # NOTE: leave the process as we found it: no process group behind
+            raise
+
+    @in_tp_group
+    def _build(self) -> None:
+        config, model_config, device, max_model_len = self.config, self.model_config, self.device, self.max_model_len
         self.block_size = config.kvcache_block_size
         self.dtype = model_config.resolve_dtype(config.dtype, device)
         self.backend_name = resolve_backend(config.attention_backend, device, self.block_size, self.dtype,
@@ -44,17 +56,22 @@ class ModelRunner:
         self.graphs, self.piecewise_graphs = self._capture_graphs()
 
     # ---- construction ----------------------------------------------------------------
-    def _init_distributed(self, init_method: str | None) -> None:
+    def _init_distributed(self, store: dist.Store | None) -> dist.ProcessGroup | None:
         world_size = self.config.tensor_parallel_size
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if world_size == 1:
-            return
+            return None
         if dist.is_initialized():
             raise RuntimeError("a tensor-parallel LLM already runs in this process; call its exit() first")
-        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", init_method=init_method,
+        # NOTE: a gloo collective waiting longer than step_timeout_s (a stuck peer) raises instead of
+        # hanging; NCCL's own watchdog tears the process down, so rank 0's polling one must fire first
+        margin = NCCL_WATCHDOG_MARGIN_S if self.device.type == "cuda" else 0
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=store,
                                 world_size=world_size, rank=self.rank,
+                                timeout=timedelta(seconds=self.config.step_timeout_s + margin),
                                 device_id=self.device if self.device.type == "cuda" else None)
+        return dist.group.WORLD
 
     def _load_model(self) -> torch.nn.Module:
         default_dtype = torch.get_default_dtype()
@@ -99,6 +116,7 @@ class ModelRunner:
         per_block = block_bytes(m.num_hidden_layers, self.block_size, num_kv_heads, m.head_dim,
                                 kv_cache_dtype(cfg.kv_cache_dtype, self.dtype))
         if cfg.num_kvcache_blocks != -1:
+            check_kv_cache_fits(cfg.num_kvcache_blocks, per_block, self.device)
             return cfg.num_kvcache_blocks
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
@@ -111,9 +129,11 @@ class ModelRunner:
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             num_blocks = int(count.item())
         if num_blocks < 1:
-            raise RuntimeError(f"no memory left for the KV cache (one block needs {per_block} bytes, "
-                               f"{max(budget, 0)} available): raise gpu_memory_utilization or cpu_kvcache_bytes, "
-                               f"or lower max_num_batched_tokens")
+            hint = ("raise gpu_memory_utilization, or lower kvcache_block_size or max_num_batched_tokens"
+                    if self.device.type == "cuda" else "raise cpu_kvcache_bytes or lower kvcache_block_size")
+            raise RuntimeError(f"no memory left for the KV cache (one block of {self.block_size} tokens needs "
+                               f"{per_block} bytes, {max(budget, 0)} available): {hint}")
+        check_kv_cache_fits(num_blocks, per_block, self.device)
         return num_blocks
 
     def _allocate_kv_cache(self) -> None:
@@ -146,6 +166,7 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
 
+    @in_tp_group
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> PendingOutput:
         """Launch one step on this rank. Returns the sampled tokens (and logprobs) of the
@@ -176,8 +197,9 @@ class ModelRunner:
             if graphs is not None:
                 graphs.release()
         self.graphs = self.piecewise_graphs = None
-        if not dist.is_initialized():
+        if self.tp_group is None or not dist.is_initialized():  # NOTE: never another engine's group
             return
+        self.tp_group = None
         if abort and dist.get_backend() == "nccl":
             try:
                 from torch.distributed.distributed_c10d import _abort_process_group

@@ -1,22 +1,26 @@
 """GGUF checkpoints: converted once into a cached HF directory the engine loads like any other.
 
 HF transformers reads the GGUF (dequantizing Q4/Q8 blocks to float32) and writes safetensors,
-config.json, generation_config.json and the tokenizer (with its chat template). The cache key
-is cheap to compute: file size + mtime + sha256 of the first and last MiB, so a second start
-costs a few milliseconds, not a pass over the whole file.
+config.json, generation_config.json and the tokenizer (with its chat template) into the cache
+folder (`nanovllm.utils.cache`). The cache key is the file's content identity, cheap to
+compute: its size and a sha256 over its first and last MiB and evenly spaced samples between,
+so a second start costs milliseconds, not a pass over the whole file, and a copy of the file
+elsewhere hits the same conversion. A cached conversion whose files no longer match its
+manifest (a truncated copy, an interrupted write) is converted again.
 """
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 
+from nanovllm.utils.cache import cache_dir, is_intact, seal
+
 logger = logging.getLogger("nanovllm")
 
-CACHE_ENV = "NANOVLLM_CACHE"
-DEFAULT_CACHE = os.path.join("~", ".cache", "nanovllm")
 HASH_CHUNK = 1 << 20   # bytes hashed at each end of the file
+NUM_SAMPLES = 16       # evenly spaced samples of SAMPLE_BYTES between the ends
+SAMPLE_BYTES = 1 << 16
 KEY_LEN = 16           # hex digits of the sha256 that name a cache directory
 # Tokens that end a chat turn in common templates. A GGUF carries one EOS id; a chat model
 # that ends its turn with another one (SmolLM2: <|im_end|>) must stop there too.
@@ -24,18 +28,16 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<
 GGUF_PIP = "pip install 'nanovllm[demo]'  (or: pip install gguf accelerate)"
 
 
-def cache_root() -> str:
-    return os.path.expanduser(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
-
-
 def gguf_cache_key(path: str) -> str:
-    """sha256 over (size, mtime_ns, first MiB, last MiB); any rewrite of the file changes it."""
-    st = os.stat(path)
-    h = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:".encode())
+    """sha256 over the size, the first and last MiB and NUM_SAMPLES samples between them:
+    the same bytes anywhere give the same key (never the path or the mtime)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(f"{size}:".encode())
+    offsets = [0, max(0, size - HASH_CHUNK)] + [size * (i + 1) // (NUM_SAMPLES + 1) for i in range(NUM_SAMPLES)]
     with open(path, "rb") as f:
-        h.update(f.read(HASH_CHUNK))
-        f.seek(max(0, st.st_size - HASH_CHUNK))
-        h.update(f.read(HASH_CHUNK))
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(HASH_CHUNK if offset in offsets[:2] else SAMPLE_BYTES))
     return h.hexdigest()[:KEY_LEN]
 
 
@@ -45,19 +47,29 @@ def gguf_to_hf_dir(path: str) -> str:
     NOTE: the directory appears by an atomic rename of a finished temporary one, so its
     existence means the conversion completed (two processes racing both convert; one wins)."""
     path = os.path.abspath(path)
-    out_dir = os.path.join(cache_root(), "gguf", gguf_cache_key(path))
-    if os.path.isfile(os.path.join(out_dir, "config.json")):
+    out_dir = cache_dir("gguf", gguf_cache_key(path))
+    if is_intact(out_dir):
         logger.info("GGUF %s: using the converted checkpoint in %s", path, out_dir)
         return out_dir
+    if os.path.exists(out_dir):
+        logger.warning("GGUF %s: the cached conversion in %s is incomplete or damaged; converting again", path, out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     start = time.perf_counter()
     try:
-        convert_gguf(path, tmp_dir)
+        try:
+            convert_gguf(path, tmp_dir)
+        except ImportError:
+            raise
+        except Exception as e:  # the reader fails in many ways on a bad file (numpy reshape, struct, KeyError)
+            raise ValueError(f"cannot convert GGUF file {path!r} ({type(e).__name__}: {' '.join(str(e).split())}); "
+                             f"is it truncated or corrupt?") from e
+        seal(tmp_dir, {"gguf_file": path, "size": os.path.getsize(path)})
         try:
             os.rename(tmp_dir, out_dir)
         except OSError:  # another process finished first
-            if not os.path.isfile(os.path.join(out_dir, "config.json")):
+            if not is_intact(out_dir):
                 raise
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -80,8 +92,6 @@ def convert_gguf(path: str, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)  # + generation_config.json
     tokenizer.save_pretrained(out_dir)
-    with open(os.path.join(out_dir, "nanovllm_source.json"), "w") as f:
-        json.dump({"gguf_file": path, "size": os.path.getsize(path)}, f, indent=2)
 
 
 def eos_token_ids(tokenizer, config_eos) -> list[int]:

@@ -4,7 +4,7 @@ import os
 import zlib
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 # checkpoint keys that carry no parameter of ours
@@ -36,6 +36,22 @@ def _route(name: str, packed: dict) -> tuple[str, object]:
     return name, None
 
 
+def _open_checked(file: str):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read checkpoint file {file!r} ({' '.join(str(e).split())}); is it truncated "
+                         f"or corrupt?") from e
+
+
+def _read_tensor(f, file: str, key: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"cannot read tensor {key!r} from checkpoint file {file!r} "
+                         f"({' '.join(str(e).split())}); is it truncated or corrupt?") from e
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     """Fill every parameter in place, on its device, uniformly in +-DUMMY_INIT_RANGE. Each
@@ -63,7 +79,7 @@ def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
     expected = {(n, s) for n, p in params.items() for s in getattr(p, "shard_ids", [None])}
     loaded, unexpected = set(), []
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_checked(file) as f:
             for key in f.keys():
                 if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and model.tie_word_embeddings):
                     continue
@@ -74,8 +90,8 @@ def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
                 if (name, shard_id) in loaded:
                     raise ValueError(f"checkpoint tensor {key!r} loaded twice")
                 param = params[name]
+                tensor = _read_tensor(f, file, key)
                 try:
-                    tensor = f.get_tensor(key)
                     weight_loader = getattr(param, "weight_loader", default_weight_loader)
                     if shard_id is None:
                         weight_loader(param, tensor)

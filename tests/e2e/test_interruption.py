@@ -167,6 +167,25 @@ def test_ctrl_c_waits_for_the_step_to_end(llm, expected, monkeypatch, where, aft
     assert run(llm) == expected
 
 
+@pytest.mark.parametrize("user_handler", ["ignore", "custom"])
+def test_ctrl_c_with_the_users_own_handler_is_theirs(llm, monkeypatch, user_handler):
+    """The deferral applies over Python's default handler only: SIG_IGN keeps ignoring,
+    a custom handler is called (here it just records), and generate carries on."""
+    workload = make_workload(num=3, seed=7, max_tokens=(4, 8))  # short: one signal is all it needs
+    reference = run(llm, workload)
+    calls = []
+    handler = signal.SIG_IGN if user_handler == "ignore" else lambda signum, frame: calls.append(signum)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        log = sigint_inside(monkeypatch, llm.model_runner, "run", 2, after=False)
+        assert run(llm, workload) == reference  # no KeyboardInterrupt
+        monkeypatch.undo()
+        assert "sent" in log and signal.getsignal(signal.SIGINT) is handler
+        assert calls == ([] if user_handler == "ignore" else [signal.SIGINT])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_delete_and_make_another(path, expected):
     llm = LLM(path, **ENGINE)
     with pytest.MonkeyPatch.context() as mp:

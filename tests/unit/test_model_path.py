@@ -4,14 +4,14 @@ import os
 
 import pytest
 
-from nanovllm.utils import gguf, model_path
+from nanovllm.utils import cache, gguf, model_path
 from nanovllm.utils.model_path import resolve_model_path
 
 
 @pytest.fixture
 def conversions(tmp_path, monkeypatch):
     """Point the cache at tmp_path/cache and record each (stubbed) conversion."""
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
     calls = []
 
     def fake_convert(path, out_dir):
@@ -65,14 +65,46 @@ def test_a_rewritten_file_gets_a_new_key(tmp_path):
     assert gguf.gguf_cache_key(src) != key
 
 
+def test_the_key_is_the_content_not_the_path_or_mtime(tmp_path):
+    src = write(tmp_path / "m.gguf")
+    (tmp_path / "venv2").mkdir()
+    copy = write(tmp_path / "venv2" / "other-name.gguf")  # a fresh copy: another path, another mtime
+    os.utime(copy, (1, 1))
+    assert gguf.gguf_cache_key(copy) == gguf.gguf_cache_key(src)
+    data = bytearray((tmp_path / "m.gguf").read_bytes())
+    data[len(data) * 8 // (gguf.NUM_SAMPLES + 1)] ^= 1  # one byte in the middle, where a sample is read
+    (tmp_path / "venv2" / "other-name.gguf").write_bytes(bytes(data))
+    assert gguf.gguf_cache_key(copy) != gguf.gguf_cache_key(src)
+
+
+def test_a_damaged_cached_conversion_is_rebuilt(tmp_path, conversions):
+    src = write(tmp_path / "m.gguf")
+    out = resolve_model_path(src)
+    assert cache.is_intact(out)
+    with open(os.path.join(out, "config.json"), "r+") as f:
+        f.truncate(3)  # e.g. a disk that filled up while copying the cache
+    assert not cache.is_intact(out)
+    assert resolve_model_path(src) == out and conversions == [src, src]
+    assert cache.is_intact(out)
+    os.remove(os.path.join(out, cache.MANIFEST))  # an unfinished folder from an older version
+    assert resolve_model_path(src) == out and len(conversions) == 3
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv(cache.CACHE_DIR_ENV, raising=False)
+    assert cache.cache_dir("gguf") == os.path.expanduser("~/.cache/nanovllm/gguf")
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path))
+    assert cache.cache_dir("gguf", "k") == str(tmp_path / "gguf" / "k")
+
+
 def test_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
-    monkeypatch.setenv(gguf.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "cache"))
 
     def broken(path, out_dir):
         os.makedirs(out_dir)
         raise RuntimeError("boom")
     monkeypatch.setattr(gguf, "convert_gguf", broken)
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(ValueError, match=r"cannot convert GGUF file '.*m\.gguf' \(RuntimeError: boom\)"):
         resolve_model_path(write(tmp_path / "m.gguf"))
     assert os.listdir(tmp_path / "cache" / "gguf") == []
 
