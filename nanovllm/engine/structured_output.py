@@ -95,9 +95,13 @@ class GrammarManager:
                 "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in c.spec))
         return self._compiler.compile_grammar(c.spec)
 
+    def new_matcher(self, constraint: StructuredOutputs):
+        """An xgrammar matcher at the start of `constraint` (which `check` compiled)."""
+        return self._xgr.GrammarMatcher(self._compiled[constraint])
+
     def _grammar(self, seq: Sequence) -> SequenceGrammar:
         if seq.grammar is None:
-            seq.grammar = SequenceGrammar(self._xgr.GrammarMatcher(self._compiled[seq.sampling_params.structured_outputs]))
+            seq.grammar = SequenceGrammar(self.new_matcher(seq.sampling_params.structured_outputs))
         return seq.grammar
 
     # ---- each step -----------------------------------------------------------------

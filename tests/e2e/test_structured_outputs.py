@@ -17,6 +17,7 @@ from nanovllm.engine import structured_output  # noqa: E402
 from nanovllm.utils.random_checkpoint import make_random_checkpoint  # noqa: E402
 from tests.conftest import variant_config  # noqa: E402
 from tests.e2e.test_invariance import assert_engine_is_empty  # noqa: E402
+from tests.helpers import needs_two_ranks  # noqa: E402
 
 EOS = 1
 TOKENIZER_VOCAB = 320
@@ -84,9 +85,8 @@ def workload(num: int = 14) -> tuple[list[str], list[SamplingParams], list[dict]
 def accepts(llm: LLM, constraint: dict, token_ids: list[int]) -> tuple[bool, bool]:
     """(every token accepted, the document complete), by a fresh matcher over the tokens."""
     params = SamplingParams(structured_outputs=constraint)
-    grammars = llm.grammars
-    grammars.check(0, params)
-    matcher = xgr.GrammarMatcher(grammars._compiled[params.structured_outputs])
+    llm.grammars.check(0, params)
+    matcher = llm.grammars.new_matcher(params.structured_outputs)
     ok = all(matcher.accept_token(t) for t in token_ids)
     return ok, ok and matcher.is_completed()
 
@@ -210,8 +210,7 @@ def test_min_tokens_stop_strings_and_max_tokens(llm):
 
 
 def only_eos_allowed(llm: LLM, constraint: dict, token_ids: list[int]) -> bool:
-    params = SamplingParams(structured_outputs=constraint)
-    matcher = xgr.GrammarMatcher(llm.grammars._compiled[params.structured_outputs])
+    matcher = llm.grammars.new_matcher(SamplingParams(structured_outputs=constraint).structured_outputs)
     assert all(matcher.accept_token(t) for t in token_ids)
     bitmask = xgr.allocate_token_bitmask(1, llm.model_config.vocab_size)
     matcher.fill_next_token_bitmask(bitmask)
@@ -272,3 +271,16 @@ def test_missing_xgrammar_is_an_import_error_with_the_pip_command(llm, monkeypat
     grammars = structured_output.GrammarManager(llm.tokenizer, llm.model_config.vocab_size, frozenset({EOS}))
     with pytest.raises(ImportError, match=re.escape('pip install -e ".[structured]"')):
         grammars.check(0, SamplingParams(structured_outputs=dict(regex="a")))
+
+
+@needs_two_ranks
+def test_tensor_parallel_masks_on_rank_0(path, llm):
+    """Two ranks: rank 0 samples with the masks, the worker follows its ids."""
+    params = [constrained(c, 0, max_tokens=16) for c in CONSTRAINTS[:1] + CONSTRAINTS[3:]] + [UNCONSTRAINED]
+    want = llm.generate(prompts(len(params)), params, use_tqdm=False)
+    tp2 = LLM(path, max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=128, tensor_parallel_size=2)
+    try:
+        got = tp2.generate(prompts(len(params)), params, use_tqdm=False)
+    finally:
+        tp2.exit()
+    assert [full(o) for o in got] == [full(o) for o in want]
