@@ -43,10 +43,8 @@ class StructuredOutputs:
     @classmethod
     def from_dict(cls, d: Mapping) -> "StructuredOutputs":
         keys = list(d)
-        unknown = [k for k in keys if k not in STRUCTURED_KINDS]
-        if unknown or len(keys) != 1:
-            raise ValueError(f"structured_outputs must have exactly one of the keys {', '.join(STRUCTURED_KINDS)}, "
-                             f"got {keys}")
+        _check(len(keys) == 1 and keys[0] in STRUCTURED_KINDS, "structured_outputs", dict(d),
+               f"a dict with exactly one key of {', '.join(STRUCTURED_KINDS)}")
         kind, value = keys[0], d[keys[0]]
         name = f"structured_outputs[{kind!r}]"
         if kind == "json":
@@ -119,8 +117,8 @@ class SamplingParams:
         if isinstance(self.structured_outputs, Mapping):
             object.__setattr__(self, "structured_outputs", StructuredOutputs.from_dict(self.structured_outputs))
         _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
-               "structured_outputs", self.structured_outputs, "None or a dict with one of "
-               + ", ".join(STRUCTURED_KINDS))
+               "structured_outputs", self.structured_outputs,
+               f"None or a dict with one key of {', '.join(STRUCTURED_KINDS)}")
 
     def _check_sampling(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")

@@ -186,9 +186,9 @@ def test_min_tokens_stop_strings_and_max_tokens(llm):
     """min_tokens bans EOS until then unless the document is complete and only EOS can
     follow (it ends there, "stop"); a stop string cuts the text; max_tokens leaves a
     valid prefix ("length"); ignore_eos still ends when the grammar terminates."""
-    grammar, schema = dict(grammar=GRAMMAR), dict(json=SCHEMA)
-    cases = [(grammar, dict(min_tokens=10)), (dict(choice=CHOICES), dict(min_tokens=10)),
-             (dict(regex=REGEX), dict(stop="-")), (schema, dict(max_tokens=4)), (dict(choice=CHOICES), dict(ignore_eos=True))]
+    choice = dict(choice=CHOICES)
+    cases = [(dict(grammar=GRAMMAR), dict(min_tokens=10)), (choice, dict(min_tokens=10)),
+             (dict(regex=REGEX), dict(stop="-")), (dict(json=SCHEMA), dict(max_tokens=4)), (choice, dict(ignore_eos=True))]
     params = [constrained(c, i, **kw) for i, (c, kw) in enumerate(cases)]
     outs = llm.generate(prompts(len(cases)), params, use_tqdm=False)
     for out, (constraint, kwargs) in zip(outs, cases):
@@ -224,10 +224,12 @@ def test_dead_end_finishes_the_row(checkpoint):
     never a draw from all -inf. n = 2 siblings run too."""
     llm = LLM(checkpoint("qwen3"), max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=64)
     params = [SamplingParams(temperature=0, max_tokens=8, n=2, structured_outputs=dict(choice=["t9 t11"])),
-              SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True, structured_outputs=dict(regex="x")),
+              SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True,
+                             structured_outputs=dict(regex="x")),
               SamplingParams(temperature=0, max_tokens=8, structured_outputs=dict(choice=["t7", "t9"]))]
     outs = llm.generate([[5, 6, 7], [8, 9], [10, 11]], params, use_tqdm=False)
-    assert [(s["token_ids"], s["text"], s["finish_reason"]) for s in outs[0]["outputs"]] == [([9, EOS], "t9", "abort")] * 2
+    dead = [(s["token_ids"], s["text"], s["finish_reason"]) for s in outs[0]["outputs"]]
+    assert dead == [([9, EOS], "t9", "abort")] * 2
     assert (outs[1]["token_ids"], outs[1]["text"], outs[1]["finish_reason"]) == ([EOS], "", "abort")
     assert outs[2]["finish_reason"] == "stop" and outs[2]["text"] in ("t7", "t9")
     assert_engine_is_empty(llm)
