@@ -188,7 +188,8 @@ def test_min_tokens_stop_strings_and_max_tokens(llm):
     valid prefix ("length"); ignore_eos still ends when the grammar terminates."""
     choice = dict(choice=CHOICES)
     cases = [(dict(grammar=GRAMMAR), dict(min_tokens=10)), (choice, dict(min_tokens=10)),
-             (dict(regex=REGEX), dict(stop="-")), (dict(json=SCHEMA), dict(max_tokens=4)), (choice, dict(ignore_eos=True))]
+             (dict(regex=REGEX), dict(stop="-")), (dict(json=SCHEMA), dict(max_tokens=4)),
+             (choice, dict(ignore_eos=True))]
     params = [constrained(c, i, **kw) for i, (c, kw) in enumerate(cases)]
     outs = llm.generate(prompts(len(cases)), params, use_tqdm=False)
     for out, (constraint, kwargs) in zip(outs, cases):
