@@ -133,9 +133,9 @@ class GrammarManager:
         sample, in logits order; every earlier token of theirs is known). Rows that end
         (finished sequences, whose token is dropped) are left unmasked.
 
-        Below min_tokens the row's EOS and stop ids are masked too, unless nothing else is
-        allowed: a complete document then ends on EOS. A row with no token at all gets EOS
-        alone, so no row ever samples from all -inf."""
+        Below min_tokens the row's EOS and stop ids are masked too, and EOS under
+        ignore_eos, unless nothing else is allowed: a complete document then ends on EOS.
+        A row with no token at all gets EOS alone, so no row ever samples from all -inf."""
         rows = [i for i, seq in enumerate(seqs) if seq.sampling_params.structured_outputs is not None
                 and not seq.is_finished]
         if not rows:
@@ -145,26 +145,32 @@ class GrammarManager:
         self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         words = bitmask.numpy().view(np.uint32)
         for j, i in enumerate(rows):
-            seq = seqs[i]
-            assert grammars[j].num_accepted == seq.num_completion_tokens, "the matcher lags the output"
-            if seq.num_completion_tokens < seq.sampling_params.min_tokens:
-                _ban_if_not_all(words[j], _stop_ids(seq.sampling_params, self.eos_token_ids))
-            if not words[j].any():
-                grammars[j].dead_end = True
-                eos = min(self.eos_token_ids, default=0)
-                words[j, eos // BITS_PER_WORD] = np.uint32(1 << (eos % BITS_PER_WORD))
+            assert grammars[j].num_accepted == seqs[i].num_completion_tokens, "the matcher lags the output"
+        _hold_back(words, [(j, t) for j, i in enumerate(rows) for t in self._held_back(seqs[i])])
+        for j in np.flatnonzero(~words.any(axis=1)):
+            grammars[j].dead_end = True
+            eos = min(self.eos_token_ids, default=0)
+            words[j, eos // BITS_PER_WORD] = np.uint32(1 << (eos % BITS_PER_WORD))
         return GrammarMask(bitmask, None if len(rows) == len(seqs) else torch.tensor(rows, dtype=torch.int64))
 
+    def _held_back(self, seq: Sequence) -> set[int]:
+        """Ids the row may not sample while the grammar allows anything else: EOS and the
+        stop ids below min_tokens, and EOS under ignore_eos (the constraint runs on)."""
+        params = seq.sampling_params
+        below_min = seq.num_completion_tokens < params.min_tokens
+        return ((set(self.eos_token_ids) if below_min or params.ignore_eos else set())
+                | (set(params.stop_token_ids) if below_min else set()))
 
-def _stop_ids(params: SamplingParams, eos_token_ids: frozenset[int]) -> list[int]:
-    return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids))
 
-
-def _ban_if_not_all(row: np.ndarray, token_ids: list[int]) -> None:
-    """Clear the bits of `token_ids` in a [words] uint32 row, unless that clears it all."""
-    kept = row.copy()
-    for t in token_ids:
-        kept[t // BITS_PER_WORD] &= ~np.uint32(1 << (t % BITS_PER_WORD))
-    if kept.any():
-        row[:] = kept
-
+def _hold_back(words: np.ndarray, pairs: list[tuple[int, int]]) -> None:
+    """Clear the (row, token id) bits of `pairs` in the [rows, words] uint32 bitmask, except
+    in the rows where they were all that was allowed."""
+    if not pairs:
+        return
+    rows, ids = np.asarray(pairs, dtype=np.int64).T
+    cols, bits = ids // BITS_PER_WORD, np.left_shift(np.uint32(1), (ids % BITS_PER_WORD).astype(np.uint32))
+    before = words[rows, cols]                                        # a copy (fancy indexing)
+    np.bitwise_and.at(words, (rows, cols), ~bits)
+    emptied = ~words.any(axis=1)[rows]
+    # NOTE: a word may appear twice; `before` holds its original value both times
+    words[rows[emptied], cols[emptied]] = before[emptied]

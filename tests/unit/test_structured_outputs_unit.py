@@ -69,3 +69,18 @@ def test_mask_matches_xgrammar_on_cpu(vocab):
     apply_grammar_mask(got, GrammarMask(bitmask[rows], rows))
     assert torch.equal(got[rows], want[rows])
     assert torch.equal(got[[0, 2, 4]], logits[[0, 2, 4]])
+
+
+def test_held_back_ids_are_cleared_unless_they_were_all_that_was_allowed():
+    import numpy as np
+
+    from nanovllm.engine.structured_output import _hold_back
+    allowed = [{1, 5, 40}, {1, 2}, {1}, set()]   # rows; hold back ids 1 and 2 everywhere
+    words = np.zeros((4, 2), dtype=np.uint32)
+    for row, ids in enumerate(allowed):
+        for t in ids:
+            words[row, t // 32] |= np.uint32(1 << (t % 32))
+    _hold_back(words, [(row, t) for row in range(4) for t in (1, 2)])
+    got = [set(unpack_bitmask(torch.from_numpy(words.view(np.int32)), 64)[row].nonzero().flatten().tolist())
+           for row in range(4)]
+    assert got == [{5, 40}, {1, 2}, {1}, set()]
