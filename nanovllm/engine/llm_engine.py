@@ -248,6 +248,7 @@ class LLMEngine:
         with self._naming_dead_worker():
             self.model_runner.launch(inputs)
         sampling = self.scheduler.on_launch(batch)
+        assert [seq.seq_id for seq in sampling] == inputs.sampling_seq_ids, "mask rows must be the logits rows"
         finished = self._process(self._take_in_flight()) if self._in_flight is not None else []
         grammar = self.grammars.fill(sampling)
         with self._naming_dead_worker():

@@ -27,15 +27,14 @@ def import_xgrammar():
 
 
 class SequenceGrammar:
-    """One sequence's matcher. Invariant: it has accepted exactly the sequence's known
-    output tokens (`token_ids` past the prompt), so preemption and recompute, which
-    append nothing, leave it as it is."""
-    __slots__ = ("matcher", "num_accepted", "dead_end")
+    """One running sequence's matcher (freed when it finishes). Invariant: it has accepted
+    exactly the sequence's known output tokens (`token_ids` past the prompt), so
+    preemption and recompute, which append nothing, leave it as it is."""
+    __slots__ = ("matcher", "num_accepted")
 
     def __init__(self, matcher):
         self.matcher = matcher
         self.num_accepted = 0
-        self.dead_end = False   # the vocabulary cannot continue the grammar: EOS was forced
 
     def accept(self, seq: Sequence, token_id: int) -> None:
         if not self.matcher.accept_token(token_id):
@@ -56,6 +55,7 @@ class GrammarManager:
         self._compiler = None
         self._batch_matcher = None
         self._compiled: dict[StructuredOutputs, object] = {}
+        self._dead_ends: set[int] = set()     # seq ids given EOS alone: the grammar could not go on
 
     def _init_xgrammar(self) -> None:
         xgr = import_xgrammar()
@@ -117,14 +117,15 @@ class GrammarManager:
         a valid document)."""
         ended = []
         for seq in seqs:
-            grammar, token_id = seq.grammar, sampled.get(seq.seq_id)
-            if grammar is None or token_id is None:
+            token_id = sampled.get(seq.seq_id)
+            if token_id is None:
                 continue
-            if grammar.dead_end:
+            if seq.seq_id in self._dead_ends:
+                self._dead_ends.remove(seq.seq_id)
                 ended.append((seq, "abort"))
-            elif not seq.is_finished:  # EOS, a stop id or max_tokens may have ended it already
-                grammar.accept(seq, token_id)
-                if grammar.matcher.is_terminated():
+            elif seq.grammar is not None and not seq.is_finished:  # EOS, a stop id or max_tokens may have ended it
+                seq.grammar.accept(seq, token_id)
+                if seq.grammar.matcher.is_terminated():
                     ended.append((seq, "stop"))
         return ended
 
@@ -148,7 +149,7 @@ class GrammarManager:
             assert grammars[j].num_accepted == seqs[i].num_completion_tokens, "the matcher lags the output"
         _hold_back(words, [(j, t) for j, i in enumerate(rows) for t in self._held_back(seqs[i])])
         for j in np.flatnonzero(~words.any(axis=1)):
-            grammars[j].dead_end = True
+            self._dead_ends.add(seqs[rows[j]].seq_id)
             eos = min(self.eos_token_ids, default=0)
             words[j, eos // BITS_PER_WORD] = np.uint32(1 << (eos % BITS_PER_WORD))
         return GrammarMask(bitmask, None if len(rows) == len(seqs) else torch.tensor(rows, dtype=torch.int64))
