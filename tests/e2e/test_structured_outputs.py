@@ -13,11 +13,11 @@ xgr = pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.engine import model_runner as model_runner_module  # noqa: E402
 from nanovllm.engine import structured_output  # noqa: E402
 from nanovllm.utils.random_checkpoint import make_random_checkpoint  # noqa: E402
 from tests.conftest import variant_config  # noqa: E402
 from tests.e2e.test_invariance import assert_engine_is_empty  # noqa: E402
+from tests.e2e.test_overlap import count_deferred  # noqa: E402
 from tests.helpers import needs_two_ranks  # noqa: E402
 
 EOS = 1
@@ -293,13 +293,7 @@ def test_tensor_parallel_masks_on_rank_0(path, llm):
 def test_constrained_steps_keep_overlap(llm, monkeypatch):
     """Constrained decodes still read their input ids from the previous step's sampled ids
     on the device: the host never waits for a step before launching the next forward."""
-    deferred = []
-    launch = model_runner_module.ModelRunner.launch
-
-    def spy(self, inputs):
-        deferred.append(0 if inputs.deferred_index is None else len(inputs.deferred_index))
-        return launch(self, inputs)
-    monkeypatch.setattr(model_runner_module.ModelRunner, "launch", spy)
+    deferred = count_deferred(monkeypatch)
     outs = llm.generate(prompts(2), [constrained(dict(grammar=GRAMMAR), i, ignore_eos=True) for i in range(2)],
                         use_tqdm=False)
     assert all(len(o["token_ids"]) > 2 for o in outs)
