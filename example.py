@@ -3,11 +3,13 @@
     python example.py                                   # the embedded demo model, built-in chat prompts
     python example.py --model qwen3 --device cuda --max_tokens 128
     python example.py --model /path/to/hf-model-dir "Tell me a joke." "What is 2 + 2?"
+    python example.py --json-schema person.json "Alice is 30 and lives in Paris."   # one JSON object each
 
 --model takes an HF model directory, a hub id (downloaded when a network exists), or an alias
 (qwen3 = Qwen/Qwen3-0.6B; demo = the embedded demo model).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -73,7 +75,15 @@ def parse_args(argv=None):
     p.add_argument("--max_tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain each completion to a JSON document valid "
+                                                        "against this JSON Schema (needs xgrammar)")
     args = p.parse_args(argv)
+    if args.json_schema is not None:
+        try:
+            with open(args.json_schema) as f:
+                args.json_schema = json.load(f)
+        except (OSError, ValueError) as e:
+            p.error(f"--json-schema {args.json_schema}: {e}")
     if args.max_tokens < 1:
         p.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
     if args.tp < 1:
@@ -84,7 +94,8 @@ def parse_args(argv=None):
 def run(llm, args):
     from nanovllm import SamplingParams
     prompts = args.prompts or DEFAULT_PROMPTS
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    constraint = None if args.json_schema is None else {"json": args.json_schema}
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, structured_outputs=constraint)
     start = time.perf_counter()
     if getattr(llm.tokenizer, "chat_template", None):  # a chat model: each prompt is one user turn
         # NOTE: a template ignores variables it does not use: enable_thinking is Qwen3's (off here)

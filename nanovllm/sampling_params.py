@@ -1,5 +1,7 @@
 """Per-request sampling settings (vLLM's names and semantics), validated when the object is made."""
+import json
 import math
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, fields
 from numbers import Integral, Real
 
@@ -40,6 +42,53 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """One output constraint, normalized (hashable: compiled grammars are cached by it).
+
+    `kind` is the key given; `spec` its value: the JSON schema serialized (key order kept:
+    it is the order the fields are generated in), the regex or EBNF text, the choices as a
+    tuple, or None for json_object. Whether it compiles is checked in `generate`."""
+    kind: str
+    spec: str | tuple[str, ...] | None
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "StructuredOutputs":
+        keys = list(d)
+        _check(len(keys) == 1 and keys[0] in STRUCTURED_KINDS, "structured_outputs", dict(d),
+               f"a dict with exactly one key of {', '.join(STRUCTURED_KINDS)}")
+        kind, value = keys[0], d[keys[0]]
+        name = f"structured_outputs[{kind!r}]"
+        if kind == "json":
+            return cls(kind, _schema_text(value, name))
+        if kind == "json_object":
+            _check(value is True, name, value, "True")
+            return cls(kind, None)
+        if kind == "choice":
+            _check(isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value),
+                   name, value, "a non-empty list of non-empty strings")
+            return cls(kind, tuple(value))
+        _check(isinstance(value, str) and value.strip() != "", name, value, "a non-empty string")
+        return cls(kind, value)
+
+
+def _schema_text(value, name: str) -> str:
+    """A JSON schema (a dict, or a str holding one) as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON: {e}") from e
+    _check(isinstance(value, dict), name, value, "a JSON schema object (a dict or a JSON string)")
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError) as e:  # a value JSON cannot hold, or a cycle
+        raise ValueError(f"{name} cannot be serialized as JSON: {e}") from e
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to sample one prompt's completion(s).
@@ -64,6 +113,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # HF: > 1 discourages every token of prompt + output
     presence_penalty: float = 0.0     # OpenAI: subtracted once from each token present in the output
     frequency_penalty: float = 0.0    # OpenAI: subtracted once per occurrence in the output
+    # exactly one of json=<schema>, json_object=True, regex=, choice=[...], grammar=<EBNF>
+    # (docs/structured-outputs.md); normalized to a StructuredOutputs
+    structured_outputs: Mapping | StructuredOutputs | None = None
 
     def __post_init__(self):
         # normalize before validating: numpy scalars, a single stop string or a list are accepted
@@ -79,6 +131,11 @@ class SamplingParams:
         self._check_lengths()
         self._check_stops()
         self._check_penalties()
+        if isinstance(self.structured_outputs, Mapping):
+            object.__setattr__(self, "structured_outputs", StructuredOutputs.from_dict(self.structured_outputs))
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+               "structured_outputs", self.structured_outputs,
+               f"None or a dict with one key of {', '.join(STRUCTURED_KINDS)}")
 
     def _check_sampling(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")

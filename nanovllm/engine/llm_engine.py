@@ -25,6 +25,7 @@ from nanovllm.engine.output_processor import OutputProcessor, RequestState
 from nanovllm.engine.sampling_batch import PendingOutput, StepOutput
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.structured_output import GrammarManager
 from nanovllm.engine.worker import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.model_path import load_tokenizer, resolve_model_path
@@ -103,6 +104,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
+        self.grammars = GrammarManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._in_flight: InFlight | None = None
         self._busy = threading.Lock()   # held by the one generate() or started stream() that runs
         self._num_calls = self._collected_for = 0
@@ -151,6 +153,7 @@ class LLMEngine:
         bad = [t for t in params.stop_token_ids if t >= vocab]
         if bad:
             raise ValueError(f"sampling_params[{i}]: stop_token_ids has {bad[0]} outside [0, {vocab})")
+        self.grammars.check(i, params)  # compiles the constraint (cached)
 
     def make_requests(self, prompts, sampling_params) -> list[Sequence]:
         """Validate every request before any is queued: a bad one raises and none runs."""
@@ -199,8 +202,12 @@ class LLMEngine:
             if batch.seqs:
                 prev_rows = self._in_flight.rows() if self._in_flight is not None else {}
                 inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids, prev_rows)
-                output = self._run_step(inputs)
-                self.scheduler.on_launch(batch)
+                if self.grammars.constrains(batch.seqs):
+                    output, done = self._run_constrained_step(batch, inputs)
+                    finished += done
+                else:
+                    output = self._run_step(inputs)
+                    self.scheduler.on_launch(batch)
                 launched = InFlight(batch, output)
             elif self._in_flight is None and not self.scheduler.is_finished():
                 raise RuntimeError("scheduler produced an empty step with requests pending (this is a bug)")
@@ -219,6 +226,12 @@ class LLMEngine:
         """Wait for a launched step's sampled ids, then advance its sequences and their outputs."""
         output = flight.output.result(self.workers.check_step if self.workers else None)
         finished, kept = self.scheduler.on_output(flight.batch, output.sampled)
+        for seq, reason in self.grammars.advance(flight.batch.seqs, kept):
+            if seq.is_finished:  # on the EOS forced at a dead end
+                seq.finish_reason, seq.stop_reason = reason, None
+            else:
+                self.scheduler.finish(seq, reason)
+                finished.append(seq)
         logprobs = {seq_id: lp for seq_id, lp in output.logprobs.items() if seq_id in kept}
         # text, stop strings (they finish sequences too), logprobs
         return finished + self.outputs.process(StepOutput(kept, logprobs))
@@ -233,14 +246,37 @@ class LLMEngine:
         return not self.scheduler.is_finished() or self._in_flight is not None
 
     def _run_step(self, inputs) -> PendingOutput:
-        if not self.workers:
+        self._ship(inputs)
+        with self._naming_dead_worker():
             return self.model_runner.run(inputs)
-        self.workers.check_alive()
-        self.workers.call("run", inputs)
+
+    def _run_constrained_step(self, batch: ScheduledBatch, inputs) -> tuple[PendingOutput, list[Sequence]]:
+        """A step with grammar-constrained sequences: their masks need the previous step's
+        ids. Launch the forward, process the previous step and fill the masks while the
+        device runs it, then sample. Returns the output and the sequences that finished."""
+        self._ship(inputs)
+        with self._naming_dead_worker():
+            self.model_runner.launch(inputs)
+        sampling = self.scheduler.on_launch(batch)
+        assert [seq.seq_id for seq in sampling] == inputs.sampling_seq_ids, "mask rows must be the logits rows"
+        finished = self._process(self._take_in_flight()) if self._in_flight is not None else []
+        grammar = self.grammars.fill(sampling)
+        with self._naming_dead_worker():
+            return self.model_runner.sample(grammar), finished
+
+    def _ship(self, inputs) -> None:
+        """Send the step to the tensor-parallel workers (they run it whole)."""
+        if self.workers:
+            self.workers.check_alive()
+            self.workers.call("run", inputs)
+
+    @contextlib.contextmanager
+    def _naming_dead_worker(self):
+        """A collective that failed on rank 0 raises the dead worker's error if one died."""
         try:
-            return self.model_runner.run(inputs)
+            yield
         except Exception as e:  # a collective failed: name the dead or stuck worker if there is one
-            failure = self.workers.explain()
+            failure = self.workers.explain() if self.workers else None
             if failure is not None:
                 raise failure from e
             raise

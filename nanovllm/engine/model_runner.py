@@ -13,6 +13,7 @@ from nanovllm.engine.piecewise_graphs import MAX_TOKENS as PIECEWISE_MAX_TOKENS
 from nanovllm.engine.piecewise_graphs import PiecewiseGraphs
 from nanovllm.engine.sampling_batch import PendingOutput
 from nanovllm.layers.backends import make_backend, resolve_backend
+from nanovllm.layers.grammar_mask import GrammarMask
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
 from nanovllm.utils.context import AttentionMetadata
@@ -53,6 +54,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.prev_sampled = None   # the last step's sampled ids, on the device (overlap scheduling)
+        self._launched = None      # (inputs, logits) of the step between `launch` and `sample`
         self.graphs, self.piecewise_graphs = self._capture_graphs()
 
     # ---- construction ----------------------------------------------------------------
@@ -171,16 +173,29 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> PendingOutput:
         """Launch one step on this rank. Returns the sampled tokens (and logprobs) of the
         sequences that sample, on their way to the host (rank 0; empty on other ranks)."""
+        self.launch(inputs)
+        return self.sample()
+
+    @torch.inference_mode()
+    def launch(self, inputs: StepInputs) -> None:
+        """The step's forward pass; `sample` finishes the step. Between the two the host may
+        prepare what sampling needs (the grammar masks) while the device runs the forward."""
         inputs = inputs.to(self.device)
         if inputs.deferred_index is not None:  # ids sampled by the previous step, never seen by the host
             inputs.input_ids[inputs.deferred_index] = self.prev_sampled[inputs.deferred_prev_row]
-        logits = self.forward(inputs)
+        self._launched = inputs, self.forward(inputs)
+
+    @torch.inference_mode()
+    def sample(self, grammar: GrammarMask | None = None) -> PendingOutput:
+        """Sample the launched step's logits (rank 0); `grammar` masks the constrained rows."""
+        (inputs, logits), self._launched = self._launched, None
         if not inputs.sampling_seq_ids:
             return PendingOutput([], None, None)
         out = None
         if logits is not None:
             # NOTE: outside any CUDA graph: the sampler runs eagerly on the logits
-            out = self.sampler(logits, inputs.sampling, self.generator)
+            grammar = None if grammar is None else grammar.to(self.device)
+            out = self.sampler(logits, inputs.sampling, self.generator, grammar)
             self.prev_sampled = out.token_ids
         if tp_size() > 1 and self.config.enable_overlap:
             # the other ranks read their next inputs from these ids too

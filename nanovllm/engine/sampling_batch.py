@@ -64,11 +64,11 @@ def _penalties(seqs: list[Sequence], params: list[SamplingParams], distinct: lis
 
 def _banned(seqs: list[Sequence], eos_token_ids: frozenset[int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(row, token) pairs that may not be sampled yet: the stop ids and EOS of the rows
-    below their min_tokens."""
+    below their min_tokens (a grammar-constrained row's mask bans them instead)."""
     rows, ids = [], []
     for i, seq in enumerate(seqs):
         p = seq.sampling_params
-        if _num_outputs(seq) < p.min_tokens:
+        if _num_outputs(seq) < p.min_tokens and p.structured_outputs is None:
             rows.append(i)
             ids.append(sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids)))
     return _pairs(rows, ids) if rows else (None, None)

@@ -188,6 +188,7 @@ class Scheduler:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.status = SequenceStatus.FINISHED
         seq.num_pending_tokens = 0
+        seq.grammar = None   # a finished request keeps its Sequence, not its matcher's state
         self.block_manager.free(seq)
         self.block_manager.forget(seq)
         if seq in self.running:

@@ -2,8 +2,12 @@
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm.engine.structured_output import SequenceGrammar
 
 
 class SequenceStatus(Enum):
@@ -39,6 +43,7 @@ class Sequence:
     num_pending_tokens: int = 0    # sampled on the device, id not known on the host yet
     finish_reason: str | None = None
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it (vLLM's)
+    grammar: "SequenceGrammar | None" = None   # structured outputs: its matcher, made when it first samples
 
     def __post_init__(self):
         self.token_ids = list(self.token_ids)

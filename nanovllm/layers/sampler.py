@@ -2,8 +2,9 @@
 
 The stages, each skipped when no row needs it (decided from host-side fields, so the
 sampler never waits on the device to choose): log-probabilities of the raw logits ->
-penalties -> the min_tokens ban -> greedy argmax -> temperature -> top-k / top-p ->
-min-p -> one draw per row. Greedy rows (temperature 0) take the argmax.
+penalties -> the min_tokens ban -> the grammar mask (structured outputs) -> greedy argmax
+-> temperature -> top-k / top-p -> min-p -> one draw per row. Greedy rows (temperature 0)
+take the argmax.
 
 A draw is an exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw from p
 (p need not be normalized), so sampling needs no cumulative sum or sort over the
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from nanovllm.kernels import fused_kernels_enabled
+from nanovllm.layers.grammar_mask import GrammarMask, apply_grammar_mask
 
 MASK64 = (1 << 64) - 1
 # smallest exponential noise: keeps p / E finite, and 0 / E = 0 for masked tokens
@@ -163,10 +165,11 @@ class Sampler(nn.Module):
 
     @torch.inference_mode()
     def forward(self, logits: torch.Tensor, params: SamplingTensors,
-                generator: torch.Generator | None = None) -> SamplerOutput:
+                generator: torch.Generator | None = None, grammar: GrammarMask | None = None) -> SamplerOutput:
         """logits [num_rows, vocab], any float dtype (not modified). `generator` draws the
-        noise of the unseeded rows."""
-        if params.temperature_only and fused_kernels_enabled(logits):
+        noise of the unseeded rows; `grammar` limits the constrained rows' tokens."""
+        # NOTE: the one-pass kernel knows no grammar mask: constrained steps take the stages below
+        if params.temperature_only and grammar is None and fused_kernels_enabled(logits):
             from nanovllm.kernels.sampling import sample_temperature
             self._num_steps += 1
             seed = hash((generator.initial_seed() if generator is not None else 0, self._num_steps)) & 0x7FFFFFFF
@@ -179,6 +182,8 @@ class Sampler(nn.Module):
             apply_penalties(logits, params.penalties)
         if params.banned_rows is not None:
             logits[params.banned_rows, params.banned_token_ids] = float("-inf")
+        if grammar is not None:  # NOTE: the engine never leaves a row with no token allowed
+            apply_grammar_mask(logits, grammar)
         if params.all_greedy:
             token_ids = logits.argmax(dim=-1)
         elif params.any_greedy:

@@ -65,12 +65,12 @@ def count_deferred(monkeypatch) -> list[int]:
     """Record, per launched step, how many input ids came from the previous step's
     sampled ids on the device."""
     counts = []
-    run = model_runner_module.ModelRunner.run
+    launch = model_runner_module.ModelRunner.launch   # every step's forward (`run` calls it)
 
     def spy(self, inputs):
         counts.append(0 if inputs.deferred_index is None else len(inputs.deferred_index))
-        return run(self, inputs)
-    monkeypatch.setattr(model_runner_module.ModelRunner, "run", spy)
+        return launch(self, inputs)
+    monkeypatch.setattr(model_runner_module.ModelRunner, "launch", spy)
     return counts
 
 

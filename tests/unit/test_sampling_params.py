@@ -23,6 +23,7 @@ BAD_VALUES = {
     "repetition_penalty": [0, -1.0, math.inf, math.nan, None],
     "presence_penalty": [2.5, -2.01, math.nan, None],
     "frequency_penalty": [-3, 2.0001, math.inf, None],
+    "structured_outputs": ["json", {}, {"jsn": {}}, {"regex": "a", "choice": ["a"]}],  # the rest: test_structured_outputs_unit
 }
 
 

@@ -1,0 +1,68 @@
+"""The host's per-step cost of structured outputs: advancing every row's matcher by one token
+and filling the step's bitmask. The engine does both while the device runs the step's
+forward, so the device idles only when this exceeds a forward pass; compare it with the
+step time of `python bench.py` at the same batch size.
+
+    python benchmarks/structured_host_cost.py --tokenizer <HF model dir> --rows 256 --steps 64
+    python benchmarks/structured_host_cost.py            # the demo model's tokenizer (49,152 ids)
+
+The rows walk random paths through the schema's grammar (a random allowed token each step)."""
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+from transformers import AutoTokenizer
+
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.structured_output import GrammarManager
+from nanovllm.layers.grammar_mask import unpack_bitmask
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.model_path import resolve_model_path
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email", "tags"],
+          "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "email": {"type": "string"},
+                         "tags": {"type": "array", "items": {"type": "string"}}}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", default="demo", help="an HF model directory, or demo")
+    p.add_argument("--vocab-size", type=int, help="the logits' width (default: the tokenizer's length)")
+    p.add_argument("--rows", type=int, default=256)
+    p.add_argument("--steps", type=int, default=64)
+    args = p.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+    vocab = args.vocab_size or len(tokenizer)
+    grammars = GrammarManager(tokenizer, vocab, frozenset({tokenizer.eos_token_id}))
+    params = SamplingParams(max_tokens=args.steps + 1, structured_outputs=dict(json=SCHEMA))
+    grammars.check(0, params)
+    seqs = [Sequence([0], params) for _ in range(args.rows)]
+    rng = random.Random(0)
+    fill_ms, advance_ms = [], []
+    for _ in range(args.steps):
+        live = [s for s in seqs if not s.is_finished]
+        start = time.perf_counter()
+        mask = grammars.fill(live)
+        fill_ms.append((time.perf_counter() - start) * 1e3)
+        allowed = unpack_bitmask(mask.bitmask, vocab)   # [rows, vocab]: pick a random allowed token
+        sampled = {}
+        for row, seq in enumerate(live):
+            ids = allowed[row].nonzero().flatten().tolist()
+            token = rng.choice([t for t in ids if t != tokenizer.eos_token_id] or ids)
+            seq.token_ids.append(token)
+            sampled[seq.seq_id] = token
+        start = time.perf_counter()
+        for seq, _ in grammars.advance(live, sampled):   # its document closed
+            seq.status = SequenceStatus.FINISHED
+        advance_ms.append((time.perf_counter() - start) * 1e3)
+    print(json.dumps({"tokenizer": args.tokenizer, "vocab_size": vocab, "rows": args.rows, "steps": args.steps,
+                      "threads": torch.get_num_threads(),
+                      "fill_ms_median": round(statistics.median(fill_ms), 3),
+                      "advance_ms_median": round(statistics.median(advance_ms), 3)}))
+
+
+if __name__ == "__main__":
+    main()
