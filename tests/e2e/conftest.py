@@ -2,8 +2,9 @@
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_cluster():
+    """One local Ray for the whole run: starting one costs ~10 s (test_ray and test_batch_cli share it)."""
     try:
         import ray
         import ray.data
