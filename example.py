@@ -1,7 +1,7 @@
 """Generate a few completions with nanovllm.
 
     python example.py                                   # the embedded demo model, built-in chat prompts
-    python example.py --model qwen3 --device cuda --max_tokens 128
+    python example.py --model qwen3 --device cuda --max-tokens 128
     python example.py --model /path/to/hf-model-dir "Tell me a joke." "What is 2 + 2?"
     python example.py --json-schema person.json "Alice is 30 and lives in Paris."   # one JSON object each
 
@@ -68,13 +68,16 @@ def load_llm(model: str, args):
 
 
 def parse_args(argv=None):
+    # NOTE: only the standard library is imported before this runs, so --help is instant
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*", help="prompts (default: a few built-in chat prompts)")
-    p.add_argument("--model", default=DEMO_MODEL, help="HF model dir, hub id, or alias: qwen3, demo (default)")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--max_tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    p.add_argument("--model", default=DEMO_MODEL,
+                   help="HF model dir, hub id, or alias: qwen3, demo (default: %(default)s)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
+    p.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=128,
+                   help="tokens to generate per prompt (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.6, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--tp", type=int, default=1, help="tensor_parallel_size (default: %(default)s)")
     p.add_argument("--json-schema", metavar="FILE", help="constrain each completion to a JSON document valid "
                                                         "against this JSON Schema (needs xgrammar)")
     args = p.parse_args(argv)
@@ -85,10 +88,18 @@ def parse_args(argv=None):
         except (OSError, ValueError) as e:
             p.error(f"--json-schema {args.json_schema}: {e}")
     if args.max_tokens < 1:
-        p.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+        p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     if args.tp < 1:
         p.error(f"--tp must be >= 1, got {args.tp}")
     return args
+
+
+def describe(llm, requested: str) -> str:
+    """Which model was loaded and how it runs: a path that resolved elsewhere is visible."""
+    info = llm.engine_info()
+    return (f"Model: {llm.config.model}" + (f" (from {requested!r})" if requested != llm.config.model else "")
+            + f"\nDevice: {info['device']}, dtype: {info['dtype']}, attention backend: {info['attention_backend']}, "
+            f"KV cache: {info['kv_cache_tokens']} tokens ({info['kv_cache_dtype']})")
 
 
 def run(llm, args):
@@ -122,6 +133,7 @@ def main(argv=None) -> int:
     except ModelUnavailable as e:
         print(f"example.py: {e}; {USAGE_HINT}", file=sys.stderr)
         return 2
+    print(describe(llm, args.model))
     try:
         run(llm, args)
     finally:

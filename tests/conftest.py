@@ -11,6 +11,14 @@ import pytest  # noqa: E402
 
 from nanovllm.utils.random_checkpoint import make_random_checkpoint  # noqa: E402
 
+# The property tests run few enough examples for the suite to take minutes on 2 cores;
+# NANOVLLM_FUZZ_SCALE=10 searches ten times deeper (a slower run before a release).
+FUZZ_SCALE = float(os.environ.get("NANOVLLM_FUZZ_SCALE", "1"))
+
+
+def fuzz_examples(n: int) -> int:
+    return max(1, round(n * FUZZ_SCALE))
+
 VOCAB = 512
 BASE = dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=VOCAB, hidden_size=64,
             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

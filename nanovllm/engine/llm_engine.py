@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import threading
-import time
 import weakref
 from collections.abc import Iterator
 from collections.abc import Sequence as SequenceABC
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from numbers import Integral
 
 import torch
-from tqdm.auto import tqdm
 
 from nanovllm.config import Config, ModelConfig, check_sliding_window, read_hf_config
 from nanovllm.engine.block_manager import BlockManager
@@ -22,6 +20,7 @@ from nanovllm.engine.chat import chat_prompt_ids
 from nanovllm.engine.input_batch import build_step_inputs
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.output_processor import OutputProcessor, RequestState
+from nanovllm.engine.progress import TokenProgress
 from nanovllm.engine.sampling_batch import PendingOutput, StepOutput
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import Sequence
@@ -357,22 +356,17 @@ class LLMEngine:
 
     def _run(self, requests: list[RequestState], use_tqdm: bool) -> Iterator[dict]:
         """Step until the scheduler is empty, yielding stream deltas after each step."""
-        bar = tqdm(total=sum(r.params.n for r in requests), desc="Generating", dynamic_ncols=True,
-                   disable=not use_tqdm)
+        progress = TokenProgress(requests, use_tqdm)
         try:
-            with bar:
-                while self.has_unfinished_work():
-                    start = time.perf_counter()
-                    finished, num_prefill, num_decode = self.step()
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    rate = "prefill" if num_prefill else "decode"
-                    bar.set_postfix({rate: f"{(num_prefill or num_decode) / elapsed:.0f}tok/s"})
-                    bar.update(len(finished))
-                    yield from self.outputs.take_deltas()
+            while self.has_unfinished_work():
+                self.step()
+                progress.update()
+                yield from self.outputs.take_deltas()
         except BaseException:  # also a stream closed early (GeneratorExit)
             self.abort_all()
             raise
         finally:
+            progress.close()
             self.outputs.release(requests)
 
     def exit(self) -> None:

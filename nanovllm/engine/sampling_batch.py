@@ -42,9 +42,11 @@ def _pairs(rows: list[int], tokens: list[list[int]]) -> tuple[torch.Tensor, torc
 def _column(params: list[SamplingParams], distinct: list[SamplingParams], name: str,
             dtype: torch.dtype) -> torch.Tensor:
     """[num_rows] tensor of one field; a fill when every row shares one settings object."""
+    # NOTE: float() first: an int field value past int64 (temperature=2**70, a valid float32) overflows torch
+    cast = float if dtype.is_floating_point else int
     if len(distinct) == 1:
-        return torch.full((len(params),), getattr(distinct[0], name), dtype=dtype)
-    return torch.tensor([getattr(p, name) for p in params], dtype=dtype)
+        return torch.full((len(params),), cast(getattr(distinct[0], name)), dtype=dtype)
+    return torch.tensor([cast(getattr(p, name)) for p in params], dtype=dtype)
 
 
 def _penalties(seqs: list[Sequence], params: list[SamplingParams], distinct: list[SamplingParams]

@@ -28,12 +28,14 @@ engine's running batch between two steps, and rows that do not fit wait in its q
 when one batch ends the next is already in the engine. Large batches (DEFAULT_BATCH_SIZE)
 shrink the tail's share further.
 
-Nothing here imports `ray` at import time; only `predict` does.
+Nothing here imports `ray` at import time; only `predict` and `init_ray` do.
 """
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -192,10 +194,7 @@ def predict(ds, model: str, *, sampling_params: SamplingParams | dict | None = N
                         ("batch_size", batch_size), ("max_concurrent_batches", max_concurrent_batches)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()  # what Ray Data would do when the dataset runs; the cluster's GPUs are needed now
+    ray = init_ray()  # what Ray Data would do when the dataset runs; the cluster's GPUs are needed now
     device = llm_kwargs.get("device")
     on_gpu = device != "cpu" and (device is not None or ray.cluster_resources().get("GPU", 0) > 0)
     # a CPU engine's tensor-parallel ranks are processes: one core each
@@ -206,6 +205,31 @@ def predict(ds, model: str, *, sampling_params: SamplingParams | dict | None = N
         fn_constructor_kwargs=dict(model=model, sampling_params=sampling_params, prompt_column=prompt_column,
                                    tensor_parallel_size=tensor_parallel_size, **llm_kwargs),
         compute=compute, batch_size=batch_size, batch_format=batch_format, **resources, **remote_args)
+
+
+def init_ray(address: str | None = None, verbose: bool = False, **ray_init_kwargs):
+    """`ray.init` (unless Ray is running: then its settings stand) and Ray Data's context,
+    quietly unless `verbose`: no start-up INFO lines or token-authentication notice, no
+    worker log lines on the console, no Ray Data execution logs. Returns the `ray` module."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
+        ray.init(address=address, **{**quiet, **ray_init_kwargs})
+        if not verbose:
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+    quiet_data_context(ray)
+    return ray
+
+
+def quiet_data_context(ray):
+    """Ray Data's context, made without the DeprecationWarnings (`use_push_based_shuffle`,
+    `use_polars`, `use_arrow_tensor_v2`) that Ray 2.5x's own DataContext() raises when it
+    sets those deprecated fields to their defaults; later get_current() calls reuse it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray.data.context")
+        return ray.data.DataContext.get_current()
 
 
 def _actor_pool(ray, replicas: int, max_concurrent_batches: int):

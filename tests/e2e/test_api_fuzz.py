@@ -16,7 +16,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.sampling_batch import build_sampling_tensors
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import Sampler
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, fuzz_examples
 from tests.e2e.test_invariance import assert_engine_is_empty
 
 DOCUMENTED = (ValueError, TypeError, FileNotFoundError)
@@ -137,7 +137,7 @@ def generate_args(draw):
 
 # ---- SamplingParams ---------------------------------------------------------------------------
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=fuzz_examples(400), deadline=None)
 @given(kwargs=sampling_kwargs())
 def test_sampling_params_accept_only_what_the_sampler_can_run(kwargs):
     params, error = call(SamplingParams, **kwargs)
@@ -197,7 +197,8 @@ def config_kwargs(draw) -> dict:
     return kwargs
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzz_examples(100), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(kwargs=config_kwargs(), model=mostly(st.just("good"), st.sampled_from(["missing", "", None, 5]), one_in=6))
 def test_llm_constructor(checkpoint, tmp_path, kwargs, model):
     path = {"good": checkpoint("qwen3"), "missing": str(tmp_path / "nowhere")}.get(model, model)
@@ -287,8 +288,8 @@ def check_outputs(outs: list[dict], prompts, sampling_params) -> None:
             assert sample["finish_reason"] in ("stop", "length") and isinstance(sample["text"], str)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(50), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(args=generate_args())
 def test_generate_fuzz(llm, probe_expected, args):
     prompts, sampling_params = args
@@ -334,3 +335,9 @@ def test_bytes_are_not_token_ids(llm, prompt):
 def test_untokenizable_text_names_its_request(llm):
     with pytest.raises(ValueError, match=r"prompts\[2\]"):
         llm.generate(["t5", "t6", "t7 \ud800"], PROBE[1], use_tqdm=False)
+
+
+def test_a_huge_int_temperature_reaches_the_sampler():
+    """Found by the fuzz test above: 2**70 is a valid float32 temperature but no int64."""
+    tensors = build_sampling_tensors([Sequence([5], SamplingParams(temperature=2**70))], frozenset({1}))
+    assert tensors.temperatures.tolist() == [float(2**70)]

@@ -19,7 +19,7 @@ from nanovllm import LLM, SamplingParams
 from tests.conftest import VOCAB
 from tests.helpers import assert_greedy_matches_hf
 
-NUM_REQUESTS = 300
+NUM_REQUESTS = 200
 MAX_MODEL_LEN = 512
 MAX_TOKENS = 16
 NUM_STEMS = 4

@@ -19,7 +19,7 @@ MAX_MODEL_LEN = 256
 EOS = 1
 
 
-def workload(seed: int = 7, num: int = 60) -> tuple[list[list[int]], list[SamplingParams]]:
+def workload(seed: int = 7, num: int = 36) -> tuple[list[list[int]], list[SamplingParams]]:
     """Mixed requests; stop ids and strings common enough that many end early."""
     rng = random.Random(seed)
     prompts, params = [], []

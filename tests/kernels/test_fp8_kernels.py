@@ -10,6 +10,8 @@ import zlib
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
+
 from nanovllm.kernels.fp8 import FP8_DTYPE, SCALE_DTYPE, quantize_fp8
 from nanovllm.kernels.kv_store import store_kv
 from nanovllm.kernels.paged_decode import paged_decode_attention

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
+
 from nanovllm.kernels.activation import silu_and_mul
 from nanovllm.kernels.rmsnorm import rmsnorm
 from nanovllm.kernels.rotary import qk_norm_rope

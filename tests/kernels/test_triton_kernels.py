@@ -9,6 +9,8 @@ import zlib
 import pytest
 import torch
 
+pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
+
 from nanovllm.kernels.kv_store import store_kv
 from nanovllm.kernels.paged_decode import choose_num_splits, paged_decode_attention
 from nanovllm.kernels.paged_prefill import paged_prefill_attention

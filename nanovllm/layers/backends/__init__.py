@@ -26,6 +26,10 @@ def flash_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(name: str, device: torch.device, block_size: int, dtype: torch.dtype,
                     kv_cache_dtype: str = "auto") -> str:
     """Turn `auto` into a concrete backend and check the choice can run here.
@@ -46,6 +50,8 @@ def resolve_backend(name: str, device: torch.device, block_size: int, dtype: tor
         _check_fp8_kv_cache(name, device)
     if name != "torch" and device.type != "cuda":
         raise ValueError(f"attention_backend {name!r} needs a CUDA device; use 'torch' on {device.type}")
+    if device.type == "cuda" and not triton_available():  # the KV store and fused layers are Triton on CUDA
+        raise ImportError('running on CUDA needs triton (the GPU extra): pip install -e ".[cuda]"')
     if name == "flash":
         if not flash_available():
             raise ImportError("attention_backend 'flash' needs flash-attn: pip install flash-attn")
