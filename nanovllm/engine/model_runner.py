@@ -168,7 +168,6 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return self.model.compute_logits(hidden, inputs.meta.logits_indices)
 
-    @in_tp_group
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> PendingOutput:
         """Launch one step on this rank. Returns the sampled tokens (and logprobs) of the
@@ -176,6 +175,7 @@ class ModelRunner:
         self.launch(inputs)
         return self.sample()
 
+    @in_tp_group
     @torch.inference_mode()
     def launch(self, inputs: StepInputs) -> None:
         """The step's forward pass; `sample` finishes the step. Between the two the host may
@@ -185,6 +185,7 @@ class ModelRunner:
             inputs.input_ids[inputs.deferred_index] = self.prev_sampled[inputs.deferred_prev_row]
         self._launched = inputs, self.forward(inputs)
 
+    @in_tp_group
     @torch.inference_mode()
     def sample(self, grammar: GrammarMask | None = None) -> PendingOutput:
         """Sample the launched step's logits (rank 0); `grammar` masks the constrained rows."""
