@@ -61,7 +61,9 @@ try:
 except ImportError as e: print('flash_attn missing:', e)"
 if [[ " ${extra[*]} " != *" --model "* ]]; then
   stamp "the random-weight Qwen3-0.6B checkpoint (made once)"
-  PYTHONPATH=$new timeout 300 python3 -c "import bench; print(bench.default_model_dir())"
+  # NOTE: made by this checkout and passed to both runs: an older package may lack the cache helpers
+  model=$(PYTHONPATH=$new timeout 300 python3 -c "import bench; print(bench.default_model_dir())" | tail -1)
+  echo "$model"; extra+=(--model "$model")
 fi
 
 runs=$(mktemp -d)
