@@ -52,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-column", help="rows: the prompt column (None: prompt, else token_ids)")
     p.add_argument("--address", help="Ray cluster address (None: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--no-ray", action="store_true", help="run in this process with one engine")
+    p.add_argument("--verbose", action="store_true", help="Ray's start-up and worker logs (quiet by default)")
     args = p.parse_args(argv)
     for name in ("replicas", "tp", "batch_size", "max_concurrent_batches"):
         if getattr(args, name) < 1:
@@ -209,8 +210,8 @@ def run_requests(args, requests: list[str]):
         if args.replicas > 1:
             print(f"nanovllm.batch: --replicas {args.replicas} needs Ray; running one engine", file=sys.stderr)
         return _in_process(engines, requests)
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    from nanovllm.integrations.ray import init_ray
+    init_ray(args.address, verbose=args.verbose)
     return _on_ray(ray, engines, requests)  # NOTE: a generator, closed by the caller
 
 

@@ -1,0 +1,109 @@
+"""Where a step's time goes at batch 1 and in mixed steps: wall time per token, the host's
+time per engine phase (timers that do not synchronize), and the GPU's kernel time per step
+(torch.profiler), on the bench's random-weight Qwen3-0.6B.
+
+    python benchmarks/profile_latency.py flash triton     # one or more attention backends
+    python benchmarks/profile_latency.py flash:b1         # batch 1 only
+
+Mixed steps: 1,024 (timed) and 600 (profiled) requests sharing a 1,024-token prefix with
+32-256 own tokens and outputs, so admission goes on while up to 512 sequences decode. When
+the host's time per step exceeds the GPU's kernel time per step, the engine is host-bound.
+"""
+import collections
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench  # noqa: E402
+import nanovllm.engine.llm_engine as E  # noqa: E402
+from nanovllm import LLM, SamplingParams  # noqa: E402
+
+T = collections.defaultdict(float)
+C = collections.Counter()
+
+
+def timed(name, fn):
+    def w(*a, **k):
+        s = time.perf_counter()
+        out = fn(*a, **k)
+        T[name] += time.perf_counter() - s
+        C[name] += 1
+        return out
+    return w
+
+
+def kernel_table(prof, steps, label):
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in ev)
+    count = sum(e.count for e in ev)
+    print(f"[{label}] GPU kernel time per step {total / steps / 1000:.3f} ms, kernels per step {count / steps:.0f}")
+    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:14]:
+        print(f"   {e.self_device_time_total / steps / 1000:8.4f} ms/step {e.count / steps:6.1f}/step  {e.key[:90]}")
+
+
+def shared_prefix(n, rng):
+    prefix = [rng.randint(0, 10000) for _ in range(1024)]
+    prompts = [prefix + [rng.randint(0, 10000) for _ in range(rng.randint(32, 256))] for _ in range(n)]
+    return prompts, [rng.randint(32, 256) for _ in range(n)]
+
+
+def main(backend, only_b1=False):
+    s = time.perf_counter()
+    llm = LLM(bench.default_model_dir(), max_model_len=4096, attention_backend=backend)
+    print(f"   LLM() {time.perf_counter() - s:.1f}s {llm.engine_info()}")
+    rng = random.Random(1)
+    prompt = [rng.randint(0, 10000) for _ in range(512)]
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=257)
+    llm.generate([prompt], sp, use_tqdm=False)
+    s = time.perf_counter(); llm.generate([prompt[::-1]], sp, use_tqdm=False); t = time.perf_counter() - s
+    print(f"== {backend}: batch-1 {t / 257 * 1000:.3f} ms/token wall")
+    llm.step = timed("step", llm.step)
+    llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
+    if not hasattr(E, "_orig_bsi"):
+        E._orig_bsi, E._orig_res = E.build_step_inputs, E.PendingOutput.result
+    E.build_step_inputs = timed("build_step_inputs", E._orig_bsi)
+    llm.model_runner.run = timed("runner.run", llm.model_runner.run)
+    llm.outputs.process = timed("outputs.process", llm.outputs.process)
+    E.PendingOutput.result = timed("wait", E._orig_res)
+    llm.generate([prompt[1:]], sp, use_tqdm=False)
+    for k, v in sorted(T.items(), key=lambda kv: -kv[1]):
+        print(f"   host {k:20s} {v / C[k] * 1000:8.3f} ms/call  x{C[k]}")
+    T.clear(); C.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt[2:]], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=65), use_tqdm=False)
+    kernel_table(prof, 65, f"{backend} batch-1")
+    if only_b1:
+        llm.exit()
+        return
+    prompts, outs = shared_prefix(1024, random.Random(2))
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
+    s = time.perf_counter(); llm.generate(prompts, params, use_tqdm=False); t = time.perf_counter() - s
+    steps = C["step"]
+    print(f"== {backend}: shared-prefix 1024 req: {sum(outs) / t:.0f} tok/s, {t:.2f}s, {steps} steps, "
+          f"{t / max(steps, 1) * 1000:.2f} ms/step")
+    for k, v in sorted(T.items(), key=lambda kv: -kv[1]):
+        print(f"   host {k:20s} {v / C[k] * 1000:8.3f} ms/call  x{C[k]}")
+    T.clear(); C.clear()
+    prompts, outs = shared_prefix(600, random.Random(3))
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m) for m in outs]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        s = time.perf_counter(); llm.generate(prompts, params, use_tqdm=False); t = time.perf_counter() - s
+    kernel_table(prof, C["step"], f"{backend} shared-prefix 600 (profiled, {t / C['step'] * 1000:.2f} ms/step wall)")
+    T.clear(); C.clear()
+    llm.exit()
+
+
+if __name__ == "__main__":
+    import nanovllm
+    print("package:", nanovllm.__file__)
+    import gc
+    for b in sys.argv[1:]:
+        s = time.perf_counter()
+        main(b.split(":")[0], b.endswith(":b1"))
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"-- {b} total {time.perf_counter() - s:.1f}s")
