@@ -22,6 +22,9 @@ from nanovllm.utils.context import AttentionMetadata
 
 
 class Qwen3Attention(nn.Module):
+    """The projections around attention; the decoder layer calls `project`, `attn` and `o_proj`
+    in turn (the piecewise CUDA graphs cut between them)."""
+
     def __init__(self, cfg: ModelConfig, max_position: int):
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -36,10 +39,6 @@ class Qwen3Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.project(positions, hidden)
-        return self.o_proj(self.attn(q, k, v, meta).flatten(1))
 
     def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """hidden [num_tokens, hidden_size] -> q [num_tokens, num_heads, head_dim], k and v
