@@ -17,7 +17,6 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from nanovllm.kernels import fused_kernels_enabled
 from nanovllm.layers.grammar_mask import GrammarMask, apply_grammar_mask
 
 MASK64 = (1 << 64) - 1
@@ -63,11 +62,6 @@ class SamplingTensors:
     def max_num_logprobs(self) -> int:
         return max(self.num_logprobs, default=-1)
 
-    @property
-    def temperature_only(self) -> bool:
-        """No row needs more than its temperature (or greedy): the one-pass kernel applies."""
-        return (self.top_k is None and self.top_p is None and self.min_p is None and self.penalties is None
-                and self.banned_rows is None and self.logprob_rows is None and not self.seeded_rows)
 
 
 class LogprobsTensors(NamedTuple):
@@ -161,19 +155,12 @@ class Sampler(nn.Module):
     def __init__(self):
         super().__init__()
         self._row_generators: dict[torch.device, torch.Generator] = {}  # reseeded for every seeded row
-        self._num_steps = 0  # with the generator's seed, keys the one-pass kernel's draws
 
     @torch.inference_mode()
     def forward(self, logits: torch.Tensor, params: SamplingTensors,
                 generator: torch.Generator | None = None, grammar: GrammarMask | None = None) -> SamplerOutput:
         """logits [num_rows, vocab], any float dtype (not modified). `generator` draws the
         noise of the unseeded rows; `grammar` limits the constrained rows' tokens."""
-        # NOTE: the one-pass kernel knows no grammar mask: constrained steps take the stages below
-        if params.temperature_only and grammar is None and fused_kernels_enabled(logits):
-            from nanovllm.kernels.sampling import sample_temperature
-            self._num_steps += 1
-            seed = hash((generator.initial_seed() if generator is not None else 0, self._num_steps)) & 0x7FFFFFFF
-            return SamplerOutput(sample_temperature(logits, params.temperatures, seed), None)
         logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab]: ours to edit in place
         raw_logprobs = None
         if params.logprob_rows is not None:  # NOTE: from the unmodified distribution
