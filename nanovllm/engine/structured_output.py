@@ -14,6 +14,8 @@ from nanovllm.layers.grammar_mask import BITS_PER_WORD, GrammarMask
 from nanovllm.sampling_params import SamplingParams, StructuredOutputs
 
 PIP_HINT = 'pip install -e ".[structured]"'
+# compact JSON: a tokenizer without a space token can still write every document
+JSON_SEPARATORS = (",", ":")
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "
 _CPP_LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
@@ -82,12 +84,13 @@ class GrammarManager:
                              f"{reason}") from e
 
     def _compile(self, c: StructuredOutputs):
-        # NOTE: no free whitespace in JSON (", " and ": " only): a model cannot pad the
+        # NOTE: no free whitespace in JSON (compact separators): a model cannot pad the
         # document with whitespace until max_tokens, and the output stays one line
         if c.kind == "json":
-            return self._compiler.compile_json_schema(c.spec, any_whitespace=False)
+            return self._compiler.compile_json_schema(c.spec, any_whitespace=False, separators=JSON_SEPARATORS)
         if c.kind == "json_object":
-            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
+            return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False,
+                                                      separators=JSON_SEPARATORS)
         if c.kind == "regex":
             return self._compiler.compile_regex(c.spec)
         if c.kind == "choice":  # JSON string literals are EBNF string literals

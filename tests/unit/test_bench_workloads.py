@@ -100,18 +100,25 @@ def test_structured_constraints_hold_on_the_bench_tokenizer():
     """The benchmark checkpoints' tokenizer can spell the JSON document, and neither constraint lets a
     request finish (close the document, or allow only EOS) before max_tokens, even on the longest tokens."""
     xgr = pytest.importorskip("xgrammar")
-    import json
     vocab_size, max_tokens = 512, 40
     tokenizer = bench.make_bench_tokenizer(vocab_size)
     ids = tokenizer.convert_tokens_to_ids
-    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+    from nanovllm import SamplingParams
+    from nanovllm.engine.structured_output import GrammarManager
+    # NOTE: compiled as the engine compiles them (compact JSON), not with xgrammar's defaults
+    manager = GrammarManager(tokenizer, vocab_size, frozenset({tokenizer.eos_token_id}))
+
+    def compiled(constraint: dict):
+        params = SamplingParams(max_tokens=max_tokens, structured_outputs=constraint)
+        manager.check(0, params)
+        return manager._compiled[params.structured_outputs]
     longest = max(tokenizer.get_vocab(), key=len)
     word = ids(max((t for t in tokenizer.get_vocab() if t.startswith("t")), key=len))  # the longest word
     workload = bench.Workload(bench.PROBE, [[1]], [max_tokens])
     schema = bench.structured_outputs("json", workload, len(longest))["json"]
     quote, eos = ids('"'), tokenizer.eos_token_id
-    for grammar, opening in ((compiler.compile_json_schema(json.dumps(schema)), list('{"text":"')),
-                             (compiler.compile_regex(bench.STRUCTURED_REGEX), [])):
+    for grammar, opening in ((compiled({"json": schema}), list('{"text":"')),
+                             (compiled({"regex": bench.STRUCTURED_REGEX}), [])):
         matcher, mask = xgr.GrammarMatcher(grammar), xgr.allocate_token_bitmask(1, vocab_size)
         assert all(matcher.accept_token(t) for t in ids(opening))
         for _ in range(max_tokens - len(opening)):
