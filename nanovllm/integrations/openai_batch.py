@@ -112,9 +112,6 @@ def _structured_outputs(response_format) -> dict | None:
     else:
         raise LineError("invalid_value", f"body.response_format.type must be 'text', 'json_object' or "
                                          f"'json_schema', got {kind!r:.80}")
-    if "structured_outputs" not in SamplingParams.__dataclass_fields__:
-        raise LineError("unsupported_parameter", f"body.response_format {kind!r} needs structured outputs, "
-                                                 f"which this nanovllm version does not have")
     return constraint
 
 

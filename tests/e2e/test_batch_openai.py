@@ -16,7 +16,6 @@ from tests.e2e.test_chat import TEMPLATE
 
 ENGINE = dict(kvcache_block_size=16, num_kvcache_blocks=128, max_model_len=64)
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
-HAS_STRUCTURED = "structured_outputs" in SamplingParams.__dataclass_fields__
 
 
 def line(cid: str, url: str, **body) -> dict:
@@ -139,11 +138,7 @@ def test_job_defaults_are_overridden_by_the_body(tokenizer):
 ])
 def test_response_format_maps_to_structured_outputs(tokenizer, response_format, constraint):
     body = line("x", CHAT, messages=user("t5"), response_format=response_format)
-    if HAS_STRUCTURED:
-        assert parse_line(body, {}, tokenizer).sampling_params["structured_outputs"] == constraint
-    else:  # until structured outputs land: a clear error for that line alone
-        with pytest.raises(LineError, match="needs structured outputs, which this nanovllm version does not have"):
-            parse_line(body, {}, tokenizer)
+    assert parse_line(body, {}, tokenizer).sampling_params["structured_outputs"] == constraint
 
 
 @pytest.mark.parametrize("body, code, message", [
