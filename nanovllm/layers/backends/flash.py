@@ -1,6 +1,6 @@
 """FlashAttention 2 backend: varlen prefill (paged when earlier KV is involved); decode
 through our Triton split-K kernel, which reads each KV head once for its whole query
-group and measured faster than `flash_attn_with_kvcache` on the H200 at every batch size
+group and was faster than `flash_attn_with_kvcache` on the H200 at batch 1 and 256
 (docs/benchmarks.md). Needs kvcache_block_size % 256 == 0 (checked by resolve_backend)."""
 import torch
 
