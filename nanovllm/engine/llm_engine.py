@@ -285,7 +285,8 @@ class LLMEngine:
         """Generate completions for `prompts` (strings or token-id lists). Returns one dict
         per prompt, in order:
           text, token_ids (generated), prompt_token_ids,
-          finish_reason: "stop" (EOS, a stop token id or a stop string) or "length",
+          finish_reason: "stop" (EOS, a stop token id, a stop string or a completed structured
+            output), "length", or "abort" (a structured output the vocabulary cannot continue),
           stop_reason: the stop string or stop token id that ended it (None otherwise),
           metrics: {"time_to_first_token", "time_per_output_token", "seconds"} (seconds),
           logprobs (when asked): per generated token {"token_id", "logprob", "top_logprobs": {id: logprob}},
