@@ -16,7 +16,7 @@ from nanovllm.utils.loader import default_weight_loader as _copy
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 
 
-SKINNY_MAX_ROWS = 1  # nanovllm.kernels.skinny_gemm.MAX_ROWS (not imported: it imports Triton)
+SKINNY_MAX_ROWS = 1  # the rows up to which kernels/skinny_gemm.py beat cuBLAS on the H200
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

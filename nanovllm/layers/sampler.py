@@ -63,7 +63,6 @@ class SamplingTensors:
         return max(self.num_logprobs, default=-1)
 
 
-
 class LogprobsTensors(NamedTuple):
     sampled: torch.Tensor      # [num_logprob_rows] float32: log p of the sampled token
     top_ids: torch.Tensor      # [num_logprob_rows, max_num_logprobs] int64, most likely first
