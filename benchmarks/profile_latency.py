@@ -4,6 +4,8 @@ time per engine phase (timers that do not synchronize), and the GPU's kernel tim
 
     python benchmarks/profile_latency.py flash triton     # one or more attention backends
     python benchmarks/profile_latency.py flash:b1         # batch 1 only
+    python benchmarks/profile_latency.py flash:b256       # pure decode at batch 256 only
+    python benchmarks/profile_latency.py flash:json       # batch 256 under a JSON schema: host phases
 
 Mixed steps: 1,024 (timed) and 600 (profiled) requests sharing a 1,024-token prefix with
 32-256 own tokens and outputs, so admission goes on while up to 512 sequences decode. When
@@ -51,10 +53,68 @@ def shared_prefix(n, rng):
     return prompts, [rng.randint(32, 256) for _ in range(n)]
 
 
-def main(backend, only_b1=False):
+def decode_batch(llm, backend: str, num_seqs: int = 256, prompt_len: int = 512, steps: int = 64):
+    """Kernel time per pure decode step at `num_seqs` (the reference workload's steady state):
+    the profiler skips the prefill steps and records `steps` decode steps."""
+    rng = random.Random(4)
+    prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(num_seqs)]
+    sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps + 48)
+    llm.generate(prompts[:8], sp, use_tqdm=False)
+    s = time.perf_counter(); llm.generate(prompts, sp, use_tqdm=False); t = time.perf_counter() - s
+    print(f"== {backend}: batch-{num_seqs} {t * 1000:.1f} ms for {steps + 48} tokens each (prefill included)")
+    skip = 40  # prefill steps (16k tokens each) and the first decodes
+    schedule = torch.profiler.schedule(wait=skip, warmup=1, active=steps, repeat=1)
+    step = llm.step
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], schedule=schedule) as prof:
+        def profiled_step():
+            out = step()
+            prof.step()
+            return out
+        llm.step = profiled_step
+        llm.generate([p[::-1] for p in prompts], sp, use_tqdm=False)
+    llm.step = step
+    kernel_table(prof, steps, f"{backend} batch-{num_seqs} decode")
+
+
+def constrained_batch(llm, backend: str, num_seqs: int = 256, steps: int = 96):
+    """Host time per phase of grammar-constrained steps (every row under bench.py's JSON schema)
+    beside the same batch unconstrained: the mask is filled while the forward runs, so the
+    device idles only when the host's phases outgrow it."""
+    rng = random.Random(5)
+    prompts = [[rng.randint(0, 10000) for _ in range(512)] for _ in range(num_seqs)]
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    for label, extra in (("unconstrained", {}), ("json", {"structured_outputs": {"json": schema}})):
+        sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=steps, **extra)
+        llm.generate(prompts[:4], sp, use_tqdm=False)
+        T.clear(); C.clear()
+        llm.step = timed("step", llm.step)
+        runner, grammars = llm.model_runner, llm.grammars
+        for obj, names in ((runner, ("run", "launch", "sample")), (grammars, ("fill", "advance")),
+                           (llm.outputs, ("process",)), (llm.scheduler, ("schedule",))):
+            for name in names:
+                setattr(obj, name, timed(f"{type(obj).__name__}.{name}", getattr(obj, name)))
+        E.PendingOutput.result = timed("wait", E._orig_res)
+        s = time.perf_counter(); llm.generate(prompts, sp, use_tqdm=False); t = time.perf_counter() - s
+        print(f"== {backend} {label}: batch-{num_seqs} {t / C['step'] * 1000:.2f} ms/step wall, {C['step']} steps")
+        for k, v in sorted(T.items(), key=lambda kv: -kv[1]):
+            print(f"   host {k:28s} {v / C[k] * 1000:8.3f} ms/call  x{C[k]}")
+        for obj in (llm, runner, grammars, llm.outputs, llm.scheduler):  # back to the class methods
+            for name in [n for n in vars(obj) if n in ("step", "run", "launch", "sample", "fill", "advance",
+                                                       "process", "schedule")]:
+                delattr(obj, name)
+        E.PendingOutput.result = E._orig_res
+
+
+def main(backend, mode=""):
     s = time.perf_counter()
     llm = LLM(bench.default_model_dir(), max_model_len=4096, attention_backend=backend)
     print(f"   LLM() {time.perf_counter() - s:.1f}s {llm.engine_info()}")
+    if not hasattr(E, "_orig_bsi"):
+        E._orig_bsi, E._orig_res = E.build_step_inputs, E.PendingOutput.result
+    if mode in ("b256", "json"):
+        (decode_batch if mode == "b256" else constrained_batch)(llm, backend)
+        llm.exit()
+        return
     rng = random.Random(1)
     prompt = [rng.randint(0, 10000) for _ in range(512)]
     sp = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=257)
@@ -63,8 +123,6 @@ def main(backend, only_b1=False):
     print(f"== {backend}: batch-1 {t / 257 * 1000:.3f} ms/token wall")
     llm.step = timed("step", llm.step)
     llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
-    if not hasattr(E, "_orig_bsi"):
-        E._orig_bsi, E._orig_res = E.build_step_inputs, E.PendingOutput.result
     E.build_step_inputs = timed("build_step_inputs", E._orig_bsi)
     llm.model_runner.run = timed("runner.run", llm.model_runner.run)
     llm.outputs.process = timed("outputs.process", llm.outputs.process)
@@ -73,10 +131,14 @@ def main(backend, only_b1=False):
     for k, v in sorted(T.items(), key=lambda kv: -kv[1]):
         print(f"   host {k:20s} {v / C[k] * 1000:8.3f} ms/call  x{C[k]}")
     T.clear(); C.clear()
+    import cProfile, pstats  # noqa: E401  where the host's time per step goes, by function
+    with cProfile.Profile() as host:
+        llm.generate([prompt[3:]], sp, use_tqdm=False)
+    pstats.Stats(host).sort_stats("tottime").print_stats(22)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         llm.generate([prompt[2:]], SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=65), use_tqdm=False)
     kernel_table(prof, 65, f"{backend} batch-1")
-    if only_b1:
+    if mode == "b1":
         llm.exit()
         return
     prompts, outs = shared_prefix(1024, random.Random(2))
@@ -103,7 +165,7 @@ if __name__ == "__main__":
     import gc
     for b in sys.argv[1:]:
         s = time.perf_counter()
-        main(b.split(":")[0], b.endswith(":b1"))
+        main(*(b.split(":") + [""])[:2])
         gc.collect()
         torch.cuda.empty_cache()
         print(f"-- {b} total {time.perf_counter() - s:.1f}s")
