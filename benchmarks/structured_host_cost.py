@@ -33,12 +33,26 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, help="the logits' width (default: the tokenizer's length)")
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--threads", type=int, nargs="*", default=[0],
+                   help="xgrammar's fill threads, one run each (0: its default, half the cores)")
+    p.add_argument("--min-length", type=int, default=0, help="the schema's strings' minLength (bench.py's "
+                   "--structured json sets max_tokens x the longest token)")
     args = p.parse_args()
+    if args.min_length:
+        for field in ("name", "email"):
+            SCHEMA["properties"][field]["minLength"] = args.min_length
+    for threads in args.threads:
+        run(args, threads)
+
+
+def run(args: argparse.Namespace, threads: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
     vocab = args.vocab_size or len(tokenizer)
     grammars = GrammarManager(tokenizer, vocab, frozenset({tokenizer.eos_token_id}))
     params = SamplingParams(max_tokens=args.steps + 1, structured_outputs=dict(json=SCHEMA))
     grammars.check(0, params)
+    if threads:
+        grammars._batch_matcher = grammars._xgr.BatchGrammarMatcher(max_threads=threads)
     seqs = [Sequence([0], params) for _ in range(args.rows)]
     rng = random.Random(0)
     fill_ms, advance_ms = [], []
@@ -59,7 +73,7 @@ def main() -> None:
             seq.status = SequenceStatus.FINISHED
         advance_ms.append((time.perf_counter() - start) * 1e3)
     print(json.dumps({"tokenizer": args.tokenizer, "vocab_size": vocab, "rows": args.rows, "steps": args.steps,
-                      "threads": torch.get_num_threads(),
+                      "torch_threads": torch.get_num_threads(), "fill_threads": threads or "default",
                       "fill_ms_median": round(statistics.median(fill_ms), 3),
                       "advance_ms_median": round(statistics.median(advance_ms), 3)}))
 

@@ -38,12 +38,6 @@ class SequenceGrammar:
         self.matcher = matcher
         self.num_accepted = 0
 
-    def accept(self, seq: Sequence, token_id: int) -> None:
-        if not self.matcher.accept_token(token_id):
-            raise RuntimeError(f"sequence {seq.seq_id}: its grammar rejected sampled token {token_id} "
-                               f"(this is a bug: the mask allowed it)")
-        self.num_accepted += 1
-
 
 class GrammarManager:
     """Compiled grammars (cached by constraint, so 100,000 requests sharing one schema
@@ -56,6 +50,7 @@ class GrammarManager:
         self._xgr = None                      # xgrammar, once a constrained request arrives
         self._compiler = None
         self._batch_matcher = None
+        self._bitmasks: list[torch.Tensor] = []  # two pinned [rows, words] buffers, used in turn
         self._compiled: dict[StructuredOutputs, object] = {}
         self._dead_ends: set[int] = set()     # seq ids given EOS alone: the grammar could not go on
 
@@ -118,7 +113,7 @@ class GrammarManager:
         accepted its stop token (also under ignore_eos or min_tokens), "abort" when the
         vocabulary could not continue the grammar (EOS was forced; the text is a prefix of
         a valid document)."""
-        ended = []
+        ended, accepting, tokens = [], [], []
         for seq in seqs:
             token_id = sampled.get(seq.seq_id)
             if token_id is None:
@@ -127,9 +122,19 @@ class GrammarManager:
                 self._dead_ends.remove(seq.seq_id)
                 ended.append((seq, "abort"))
             elif seq.grammar is not None and not seq.is_finished:  # EOS, a stop id or max_tokens may have ended it
-                seq.grammar.accept(seq, token_id)
-                if seq.grammar.matcher.is_terminated():
-                    ended.append((seq, "stop"))
+                accepting.append(seq)
+                tokens.append(token_id)
+        if not accepting:
+            return ended
+        # one call into xgrammar for the whole batch: per-row calls cost ~5 us each in Python
+        accepted = self._xgr.BatchGrammarMatcher.batch_accept_token([s.grammar.matcher for s in accepting], tokens)
+        for seq, token_id, ok in zip(accepting, tokens, accepted):
+            if not ok:
+                raise RuntimeError(f"sequence {seq.seq_id}: its grammar rejected sampled token {token_id} "
+                                   f"(this is a bug: the mask allowed it)")
+            seq.grammar.num_accepted += 1
+            if seq.grammar.matcher.is_terminated():
+                ended.append((seq, "stop"))
         return ended
 
     def fill(self, seqs: list[Sequence]) -> GrammarMask | None:
@@ -145,7 +150,7 @@ class GrammarManager:
         if not rows:
             return None
         grammars = [self._grammar(seqs[i]) for i in rows]
-        bitmask = self._xgr.allocate_token_bitmask(len(rows), self.vocab_size)   # [rows, words] int32
+        bitmask = self._bitmask(len(rows))   # [rows, words] int32
         self._batch_matcher.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask)
         words = bitmask.numpy().view(np.uint32)
         for j, i in enumerate(rows):
@@ -156,6 +161,18 @@ class GrammarManager:
             eos = min(self.eos_token_ids, default=0)
             words[j, eos // BITS_PER_WORD] = np.uint32(1 << (eos % BITS_PER_WORD))
         return GrammarMask(bitmask, None if len(rows) == len(seqs) else torch.tensor(rows, dtype=torch.int64))
+
+    def _bitmask(self, num_rows: int) -> torch.Tensor:
+        """A [num_rows, words] int32 buffer for xgrammar to fill (it writes every word). On a GPU
+        host it is pinned and reused: its copy to the device then needs no staging. Two buffers
+        in turn, so a step's mask is never overwritten while its copy may still be in flight."""
+        words = -(-self.vocab_size // BITS_PER_WORD)
+        if not torch.cuda.is_available():
+            return torch.empty(num_rows, words, dtype=torch.int32)
+        if not self._bitmasks or self._bitmasks[0].shape[0] < num_rows:
+            self._bitmasks = [torch.empty(num_rows, words, dtype=torch.int32).pin_memory() for _ in range(2)]
+        self._bitmasks.reverse()
+        return self._bitmasks[0][:num_rows]
 
     def _held_back(self, seq: Sequence) -> set[int]:
         """Ids the row may not sample while the grammar allows anything else: EOS and the

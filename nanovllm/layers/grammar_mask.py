@@ -17,7 +17,10 @@ class GrammarMask:
     def to(self, device: torch.device) -> "GrammarMask":
         if device.type == "cpu":
             return self
-        move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)  # noqa: E731
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
         return GrammarMask(move(self.bitmask), move(self.rows))
 
 

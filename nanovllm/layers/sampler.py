@@ -10,6 +10,10 @@ A draw is an exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw fr
 (p need not be normalized), so sampling needs no cumulative sum or sort over the
 vocabulary; only top-p sorts. Rows with a seed draw E from their own generator, seeded
 by (request seed, output position), so their tokens do not depend on the batch.
+
+On CUDA, when no row uses top-k, top-p or min-p, the race runs as the Gumbel-max trick in
+one Triton pass over the logits (`kernels/sampling.py`): the same distribution, its noise
+from Philox keyed per row (a seeded row's key is its generator seed above).
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -17,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from nanovllm.kernels import fused_kernels_enabled
 from nanovllm.layers.grammar_mask import GrammarMask, apply_grammar_mask
 
 MASK64 = (1 << 64) - 1
@@ -160,24 +165,40 @@ class Sampler(nn.Module):
                 generator: torch.Generator | None = None, grammar: GrammarMask | None = None) -> SamplerOutput:
         """logits [num_rows, vocab], any float dtype (not modified). `generator` draws the
         noise of the unseeded rows; `grammar` limits the constrained rows' tokens."""
-        logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab]: ours to edit in place
+        one_pass = (logits.is_cuda and fused_kernels_enabled(logits) and params.top_k is None
+                    and params.top_p is None and params.min_p is None)
         raw_logprobs = None
         if params.logprob_rows is not None:  # NOTE: from the unmodified distribution
-            raw_logprobs = torch.log_softmax(logits[params.logprob_rows], dim=-1)
-        if params.penalties is not None:
-            apply_penalties(logits, params.penalties)
-        if params.banned_rows is not None:
-            logits[params.banned_rows, params.banned_token_ids] = float("-inf")
-        if grammar is not None:  # NOTE: the engine never leaves a row with no token allowed
-            apply_grammar_mask(logits, grammar)
+            raw_logprobs = torch.log_softmax(logits[params.logprob_rows].float(), dim=-1)
+        if not one_pass or params.penalties is not None or params.banned_rows is not None or grammar is not None:
+            logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab]: ours to edit in place
+            if params.penalties is not None:
+                apply_penalties(logits, params.penalties)
+            if params.banned_rows is not None:
+                logits[params.banned_rows, params.banned_token_ids] = float("-inf")
+            if grammar is not None:  # NOTE: the engine never leaves a row with no token allowed
+                apply_grammar_mask(logits, grammar)
         if params.all_greedy:
             token_ids = logits.argmax(dim=-1)
+        elif one_pass:
+            from nanovllm.kernels.sampling import gumbel_argmax
+            token_ids = gumbel_argmax(logits, params.temperatures, self._row_keys(params, len(logits), generator))
         elif params.any_greedy:
             greedy = logits.argmax(dim=-1)  # before _sample edits the logits in place
             token_ids = torch.where(params.temperatures > 0, self._sample(logits, params, generator), greedy)
         else:  # NOTE: the common batch job: one temperature > 0 for all, no greedy argmax to take
             token_ids = self._sample(logits, params, generator)
         return SamplerOutput(token_ids, gather_logprobs(raw_logprobs, token_ids, params))
+
+    def _row_keys(self, params: SamplingTensors, num_rows: int, generator: torch.Generator | None) -> torch.Tensor:
+        """[num_rows] int64 Philox keys of the one-pass race: fresh from `generator` each step,
+        a seeded row's from its (seed, position) alone."""
+        device = params.temperatures.device
+        keys = torch.randint(-2**63, 2**63 - 1, (num_rows,), generator=generator, device=device)
+        if params.seeded_rows:
+            seeds = [s - 2**64 if s >= 2**63 else s for s in params.row_seeds]  # as int64
+            keys[torch.tensor(params.seeded_rows, device=device)] = torch.tensor(seeds, device=device)
+        return keys
 
     def _sample(self, logits: torch.Tensor, params: SamplingTensors,
                 generator: torch.Generator | None) -> torch.Tensor:

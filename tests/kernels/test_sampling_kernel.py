@@ -1,0 +1,73 @@
+"""The one-pass Gumbel-max sampling kernel against exact argmax and the softmax it must
+draw from. On CPU it runs in Triton's interpreter (small vocabularies, small chunks so
+rows cross chunk borders); the `cuda` case runs the engine's sizes. The Sampler's CUDA
+runs of tests/unit/test_sampler.py check its distribution and seeds through this kernel."""
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
+
+from nanovllm.kernels.sampling import gumbel_argmax  # noqa: E402
+
+SMALL = dict(chunk=32, block=16)  # interpreter-sized: a 100-id row spans 4 chunks
+
+
+def keys(n: int, start: int = 0, device="cpu") -> torch.Tensor:
+    return torch.arange(start, start + n, dtype=torch.int64, device=device) * 7919 + 12345
+
+
+def test_greedy_rows_take_the_first_maximum():
+    logits = torch.randn(6, 100)
+    logits[1, [5, 40, 77]] = 9.0      # ties across chunks: the first wins, as torch.argmax
+    logits[2, [33, 34]] = 9.0         # ties inside a chunk
+    logits[3, :] = -math.inf
+    logits[3, 99] = 0.0               # the last id, in a partial chunk
+    out = gumbel_argmax(logits, torch.zeros(6), keys(6), **SMALL)
+    assert out.dtype == torch.int64
+    assert out.tolist() == logits.argmax(dim=-1).tolist()
+
+
+def test_masked_tokens_are_never_drawn_and_keys_reproduce():
+    logits = torch.zeros(32, 100)
+    allowed = torch.rand(32, 100) < 0.1
+    allowed[:, 0] = True
+    logits[~allowed] = -math.inf
+    t = torch.full((32,), 5.0)
+    out = gumbel_argmax(logits, t, keys(32), **SMALL)
+    assert allowed[torch.arange(32), out].all()
+    # a row's draw depends on its key alone: same keys in another order and batch give the same ids
+    perm = torch.randperm(32)[:20]
+    again = gumbel_argmax(logits[perm], t[perm], keys(32)[perm], **SMALL)
+    assert again.tolist() == out[perm].tolist()
+
+
+def test_draws_follow_the_tempered_softmax(temperature=0.7):
+    """Chi-square test of 1,200 draws (one per key) over a 12-id row against softmax(x / T)."""
+    x = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.7, -2.0, 1.2, -math.inf])
+    n = 1200  # one program per row: the interpreter's cost
+    out = gumbel_argmax(x.expand(n, -1).contiguous(), torch.full((n,), temperature), keys(n),
+                        chunk=16, block=16)
+    counts = torch.bincount(out, minlength=12).double()
+    expected = torch.softmax(x.double() / temperature, dim=0) * n
+    assert counts[11] == 0
+    chi2 = (((counts[:11] - expected[:11]) ** 2) / expected[:11]).sum().item()
+    assert chi2 < 35.0, (chi2, counts.tolist(), expected.tolist())  # 10 dof: p ~ 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_engine_sizes(dtype):
+    rows, vocab = 256, 151_936
+    logits = (torch.randn(rows, vocab, device="cuda") * 3).to(dtype)
+    t = torch.full((rows,), 0.6, device="cuda")
+    t[::4] = 0.0
+    out = gumbel_argmax(logits, t, keys(rows, device="cuda"))
+    greedy = logits.float().argmax(dim=-1)
+    assert torch.equal(out[::4], greedy[::4])
+    # sampled rows land on likely tokens: their logit is near the row's top
+    gap = logits.float().amax(dim=-1) - logits.float().gather(1, out[:, None]).squeeze(1)
+    assert (gap[1::4] < 3.0).all()
+    assert torch.equal(out, gumbel_argmax(logits, t, keys(rows, device="cuda")))
