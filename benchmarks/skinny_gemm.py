@@ -13,13 +13,17 @@ call = graph time / calls. It prints the best configs per shape and lines to pas
 `SKINNY_CONFIGS` in nanovllm/kernels/skinny_gemm.py.
 """
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from nanovllm.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear  # noqa: E402
 
 SHAPES = {"qkv": (4096, 1024), "o_proj": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
 REPLAYS = 200

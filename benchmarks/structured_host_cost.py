@@ -11,16 +11,20 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from nanovllm.engine.sequence import Sequence, SequenceStatus
-from nanovllm.engine.structured_output import GrammarManager
-from nanovllm.layers.grammar_mask import unpack_bitmask
-from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.model_path import resolve_model_path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+
+from nanovllm.engine.sequence import Sequence, SequenceStatus  # noqa: E402
+from nanovllm.engine.structured_output import GrammarManager  # noqa: E402
+from nanovllm.layers.grammar_mask import unpack_bitmask  # noqa: E402
+from nanovllm.sampling_params import SamplingParams  # noqa: E402
+from nanovllm.utils.model_path import resolve_model_path  # noqa: E402
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "email", "tags"],
           "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "email": {"type": "string"},
