@@ -138,10 +138,12 @@ class BlockManager:
         start = self._num_registered[seq.seq_id]
         # NOTE: a block is hashed only once all its token ids are known (none pending)
         full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
+        if full <= start:  # no block filled since the last commit (most decode steps)
+            return
         hashes = self._hashes(seq, full)
         for i in range(start, full):
             self._register(seq, i, hashes[i], hashes[i - 1] if i else NO_HASH)
-        self._num_registered[seq.seq_id] = max(start, full)
+        self._num_registered[seq.seq_id] = full
 
     def _register(self, seq: Sequence, i: int, h: int, parent: int) -> None:
         block = self.blocks[seq.block_table[i]]

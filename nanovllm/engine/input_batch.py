@@ -2,6 +2,7 @@
 
 They are built on the host (rank 0 ships them to tensor-parallel workers as they are),
 then moved to the device with one non-blocking copy per tensor."""
+import itertools
 from dataclasses import dataclass, fields, replace
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from nanovllm.engine.sampling_batch import build_sampling_tensors
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import SamplingTensors
 from nanovllm.utils.context import AttentionMetadata
 
@@ -76,37 +78,31 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
     A decode whose input token is still pending (sampled by the previous step, see
     `Sequence.num_pending_tokens`) reads it on the device: `prev_rows` maps seq_id to
     its row in the previous step's sampled ids."""
+    seqs = batch.seqs
+    num_seqs = len(seqs)
     counts = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
-    starts = np.asarray([seq.num_computed_tokens for seq in batch.seqs], dtype=np.int64)
-    num_seqs, num_tokens = len(batch.seqs), int(counts.sum())
+    starts = np.fromiter((seq.num_computed_tokens for seq in seqs), dtype=np.int64, count=num_seqs)
     cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(counts, out=cu_q[1:])
     context_lens = (starts + counts).astype(np.int32)
     cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(context_lens, out=cu_k[1:])
 
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    max_blocks = max(len(seq.block_table) for seq in batch.seqs)
-    block_tables = np.full((num_seqs, max_blocks), -1, dtype=np.int32)
-    deferred_index, deferred_prev_row = [], []
-    for i, seq in enumerate(batch.seqs):
-        start = int(starts[i])
-        if start < len(seq.token_ids):
-            input_ids[cu_q[i]:cu_q[i + 1]] = seq.token_ids[start:start + counts[i]]
-        else:  # a decode of the pending token (only ever the last one, one per sequence)
-            input_ids[cu_q[i]] = 0
-            deferred_index.append(int(cu_q[i]))
-            deferred_prev_row.append(prev_rows[seq.seq_id])
-        block_tables[i, :len(seq.block_table)] = seq.block_table
+    input_ids, deferred_index, deferred_prev_row = _input_ids(batch, starts, cu_q, prev_rows)
+    block_tables = _block_tables(seqs)
 
+    num_tokens = len(input_ids)
     seq_index = np.repeat(np.arange(num_seqs), counts)              # [num_tokens]
     positions = np.arange(num_tokens) - cu_q[seq_index] + starts[seq_index]
     slot_mapping = block_tables[seq_index, positions // block_size].astype(np.int64) * block_size \
         + positions % block_size
 
-    samples = [i for i, seq in enumerate(batch.seqs) if context_lens[i] == len(seq)]
+    # NOTE: a decode row computes its sequence's one uncomputed token, so it samples; a
+    # prefill row samples only with the chunk that completes its prompt
+    samples = list(range(batch.num_decodes))
+    samples += [i for i in range(batch.num_decodes, num_seqs) if context_lens[i] == len(seqs[i])]
     logits_indices = cu_q[1:][samples].astype(np.int64) - 1
-    sampling = build_sampling_tensors([batch.seqs[i] for i in samples], eos_token_ids)
+    sampling = build_sampling_tensors([seqs[i] for i in samples], eos_token_ids)
 
     # a mixed step's leading one-token rows (the decodes) attend through the decode kernel
     num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else 0
@@ -129,7 +125,48 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
         has_cached_kv=bool((starts > 0).any()),
         **prefill,
     )
-    deferred = (torch.tensor(deferred_index, dtype=torch.int64), torch.tensor(deferred_prev_row, dtype=torch.int64)
-                ) if deferred_index else (None, None)
+    deferred = (torch.from_numpy(np.asarray(deferred_index, dtype=np.int64)),
+                torch.from_numpy(np.asarray(deferred_prev_row, dtype=np.int64))) if deferred_index else (None, None)
     return StepInputs(torch.from_numpy(input_ids), torch.from_numpy(positions), meta,
-                      [batch.seqs[i].seq_id for i in samples], sampling, *deferred)
+                      [seqs[i].seq_id for i in samples], sampling, *deferred)
+
+
+def _input_ids(batch: ScheduledBatch, starts: np.ndarray, cu_q: np.ndarray, prev_rows: dict[int, int] | None
+               ) -> tuple[np.ndarray, list[int], list[int]]:
+    """[num_tokens] the ids each row computes, and the deferred (index, previous row)
+    pairs: a pending id is not on the host, so its place holds 0 until the device fills it."""
+    input_ids = np.empty(int(cu_q[-1]), dtype=np.int64)
+    deferred_index, deferred_prev_row = [], []
+    # the leading decode rows, one token each (row i is token i): the sequence's last
+    # token, pending when the previous step sampled it
+    decode_ids = []
+    for i, seq in enumerate(batch.seqs[:batch.num_decodes]):
+        if seq.num_pending_tokens:
+            decode_ids.append(0)
+            deferred_index.append(i)
+            deferred_prev_row.append(prev_rows[seq.seq_id])
+        else:
+            decode_ids.append(seq.token_ids[-1])
+    input_ids[:batch.num_decodes] = decode_ids
+    for i in range(batch.num_decodes, len(batch.seqs)):
+        seq, start = batch.seqs[i], int(starts[i])
+        if start < len(seq.token_ids):
+            input_ids[cu_q[i]:cu_q[i + 1]] = seq.token_ids[start:start + batch.num_scheduled_tokens[i]]
+        else:  # a decode of the pending token (only ever the last one, one per sequence)
+            input_ids[cu_q[i]] = 0
+            deferred_index.append(int(cu_q[i]))
+            deferred_prev_row.append(prev_rows[seq.seq_id])
+    return input_ids, deferred_index, deferred_prev_row
+
+
+def _block_tables(seqs: list[Sequence]) -> np.ndarray:
+    """[num_seqs, max_blocks] int32: each sequence's block table, padded with -1."""
+    tables = [seq.block_table for seq in seqs]
+    lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    block_tables = np.full((len(tables), int(lengths.max())), -1, dtype=np.int32)
+    # the mask's cells in row-major order are row 0's first lengths[0], then row 1's, ...:
+    # exactly the order of the concatenated tables
+    in_table = np.arange(block_tables.shape[1]) < lengths[:, None]
+    block_tables[in_table] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32,
+                                         count=int(lengths.sum()))
+    return block_tables

@@ -82,30 +82,43 @@ class Scheduler:
         """One token for each running sequence that is decoding; preempt the newest
         running sequences when blocks run out. Returns whether any was preempted."""
         preempted = False
+        block_size = self.block_manager.block_size
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1 or self._reaches_length(seq):
+            if seq.status != SequenceStatus.RUNNING:  # preempted by an earlier row of this loop
+                continue
+            num_tokens = len(seq)
+            if num_tokens - seq.num_computed_tokens != 1 or self._reaches_length(seq, num_tokens):
                 continue
             if len(seqs) == self.max_num_batched_tokens:
                 break
-            while not self.block_manager.can_append(seq):
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
-            if seq.status == SequenceStatus.RUNNING:
+            # most decodes write into a free slot of their last block; only one that
+            # crosses a block boundary needs a new block (and may have to preempt for it)
+            if num_tokens > len(seq.block_table) * block_size:
+                while not self.block_manager.can_append(seq):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    continue
                 self.block_manager.append_slots(seq)
-                seqs.append(seq)
-                counts.append(1)
+            seqs.append(seq)
+            counts.append(1)
         return preempted
 
     def _schedule_prefill_chunks(self, seqs: list[Sequence], counts: list[int], budget: int) -> int:
         """Continue the prefills of running sequences, one budget-limited chunk each."""
+        # `seqs` holds this step's decodes, all running: if they are every running
+        # sequence, none is mid-prefill (the common all-decode step)
+        if len(seqs) == len(self.running):
+            return budget
         for seq in self.running:
             if budget == 0:
                 break
-            if seq.num_uncomputed_tokens > 1:
-                n = min(seq.num_uncomputed_tokens, budget)
+            num_uncomputed = seq.num_uncomputed_tokens
+            if num_uncomputed > 1:
+                n = min(num_uncomputed, budget)
                 seqs.append(seq)
                 counts.append(n)
                 budget -= n
@@ -196,20 +209,23 @@ class Scheduler:
         else:  # preempted while its last token was pending
             self.waiting.remove(seq)
 
-    def _reaches_length(self, seq: Sequence) -> bool:
-        """Whether the pending tokens already make the sequence finish by length: it
-        needs no further step (and must not take a block past its limit)."""
+    def _reaches_length(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the pending tokens already make the sequence (`num_tokens` long, pending
+        ones included) finish by length: it needs no further step (and must not take a
+        block past its limit)."""
         return seq.num_pending_tokens > 0 and (
-            len(seq) - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len)
+            num_tokens - seq.num_prompt_tokens >= seq.sampling_params.max_tokens or num_tokens >= self.max_model_len)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
+        num_tokens = len(seq.token_ids)
+        num_completion_tokens = num_tokens - seq.num_prompt_tokens
         # NOTE: no stop before min_tokens (the sampler masks EOS and stop ids until then)
-        if seq.num_completion_tokens > params.min_tokens:
+        if num_completion_tokens > params.min_tokens:
             if not params.ignore_eos and token_id in self.eos_token_ids:
                 return "stop"
             if token_id in params.stop_token_ids:
                 return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if num_completion_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             return "length"
         return None
