@@ -155,8 +155,8 @@ class GrammarManager:
         words = bitmask.numpy().view(np.uint32)
         for j, i in enumerate(rows):
             assert grammars[j].num_accepted == seqs[i].num_completion_tokens, "the matcher lags the output"
-        _hold_back(words, [(j, t) for j, i in enumerate(rows) for t in self._held_back(seqs[i])])
-        for j in np.flatnonzero(~words.any(axis=1)):
+        allowed = _hold_back(words, [(j, t) for j, i in enumerate(rows) for t in self._held_back(seqs[i])])
+        for j in np.flatnonzero(~allowed):
             self._dead_ends.add(seqs[rows[j]].seq_id)
             eos = min(self.eos_token_ids, default=0)
             words[j, eos // BITS_PER_WORD] = np.uint32(1 << (eos % BITS_PER_WORD))
@@ -183,15 +183,20 @@ class GrammarManager:
                 | (set(params.stop_token_ids) if below_min else set()))
 
 
-def _hold_back(words: np.ndarray, pairs: list[tuple[int, int]]) -> None:
+def _hold_back(words: np.ndarray, pairs: list[tuple[int, int]]) -> np.ndarray:
     """Clear the (row, token id) bits of `pairs` in the [rows, words] uint32 bitmask, except
-    in the rows where they were all that was allowed."""
+    in the rows where they were all that was allowed. Returns [rows] bool: whether each row
+    allows any token (one scan of the mask serves both)."""
     if not pairs:
-        return
+        return words.any(axis=1)
     rows, ids = np.asarray(pairs, dtype=np.int64).T
     cols, bits = ids // BITS_PER_WORD, np.left_shift(np.uint32(1), (ids % BITS_PER_WORD).astype(np.uint32))
     before = words[rows, cols]                                        # a copy (fancy indexing)
     np.bitwise_and.at(words, (rows, cols), ~bits)
-    emptied = ~words.any(axis=1)[rows]
+    allowed = words.any(axis=1)
+    emptied = ~allowed[rows]
     # NOTE: a word may appear twice; `before` holds its original value both times
     words[rows[emptied], cols[emptied]] = before[emptied]
+    restored = np.unique(rows[emptied])  # rows held back to nothing: rescan them alone
+    allowed[restored] = words[restored].any(axis=1)
+    return allowed

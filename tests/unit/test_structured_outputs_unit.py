@@ -80,7 +80,9 @@ def test_held_back_ids_are_cleared_unless_they_were_all_that_was_allowed():
     for row, ids in enumerate(allowed):
         for t in ids:
             words[row, t // 32] |= np.uint32(1 << (t % 32))
-    _hold_back(words, [(row, t) for row in range(4) for t in (1, 2)])
+    any_allowed = _hold_back(words, [(row, t) for row in range(4) for t in (1, 2)])
     got = [set(unpack_bitmask(torch.from_numpy(words.view(np.int32)), 64)[row].nonzero().flatten().tolist())
            for row in range(4)]
     assert got == [{5, 40}, {1, 2}, {1}, set()]
+    assert any_allowed.tolist() == [True, True, True, False]   # the last row is a dead end
+    assert _hold_back(words, []).tolist() == [True, True, True, False]
