@@ -80,7 +80,7 @@ def constrained_batch(llm, backend: str, num_seqs: int = 256, steps: int = 96):
     """Host time per phase of grammar-constrained steps (every row under a one-string JSON
     schema) beside the same batch unconstrained: the mask is filled while the forward runs, so
     the device idles only when the host's phases outgrow it. Per-call averages include the
-    batch's prefill steps (~8 of ~100); fill and advance run on decode steps alone."""
+    batch's prefill steps (~8 of ~100)."""
     rng = random.Random(5)
     prompts = [[rng.randint(0, 10000) for _ in range(512)] for _ in range(num_seqs)]
     schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
