@@ -13,6 +13,11 @@ depends on its key alone, never on the batch. Temperature-0 rows take the plain 
   logits: [num_rows, vocab] any float dtype (not modified)
   temperatures: [num_rows] float32, 0 = greedy
   keys: [num_rows] int64, the Philox key of each row's noise
+  bitmask: [num_masked_rows, ceil(vocab / 32)] int32, optional: bit j of word w allows id 32 w + j
+  mask_rows: [num_rows] int32, with bitmask: each row's bitmask row, -1 for a row it leaves free
+
+Applying the grammar bitmask here, as the scan reads each id, spares structured outputs the
+float32 copy of the logits and the separate masking pass.
 """
 import torch
 import triton
@@ -36,8 +41,9 @@ def _exponential(r):
 
 
 @triton.jit
-def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, part_val_ptr, part_idx_ptr, vocab, stride_row,
-                         num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, part_val_ptr, part_idx_ptr,
+                         vocab, stride_row, num_words, num_chunks,
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temp = tl.load(temps_ptr + row)
@@ -47,10 +53,16 @@ def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, part_val_ptr, part_idx
     best_val = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, tl.int32)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    if MASKED:
+        mask_row = tl.load(mask_rows_ptr + row)   # -1: a free row reads bitmask row 0, then ignores it
+        words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * num_words
     for start in tl.static_range(0, CHUNK, BLOCK):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
         valid = idx < vocab
         x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
+        if MASKED:  # 32 neighbouring lanes read one word: a broadcast load
+            word = tl.load(words_ptr + idx // 32, mask=valid, other=0)
+            x = tl.where((((word >> (idx % 32)) & 1) != 0) | (mask_row < 0), x, float("-inf"))
         bits = tl.randint(key, idx).to(tl.uint32, bitcast=True)
         noise = -tl.log(_exponential(bits))   # Gumbel(0, 1)
         score = tl.where(greedy, x, x * inv_temp + noise)
@@ -78,20 +90,26 @@ def _row_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_chunks, BLOCK_C:
 
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+                  bitmask: torch.Tensor | None = None, mask_rows: torch.Tensor | None = None,
                   chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
-    """[num_rows] int64 token ids: a draw from softmax(logits / T) per row, argmax where T = 0.
-    (`chunk`, `block`: powers of two, block <= chunk; smaller ones let tests cross chunks cheaply.)"""
+    """[num_rows] int64 token ids: a draw from softmax(logits / T) per row, argmax where T = 0,
+    over the ids its bitmask row allows, if any. (`chunk`, `block`: powers of two, block <=
+    chunk; smaller ones let tests cross chunks cheaply.)"""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
         return out
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    temperatures, keys = temperatures.contiguous(), keys.contiguous()   # read as flat arrays
     num_chunks = triton.cdiv(vocab, chunk)
     part_val = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    masked = bitmask is not None
+    bitmask = bitmask.contiguous() if masked else None
     _chunk_argmax_kernel[(num_rows, num_chunks)](
-        logits, temperatures, keys, part_val, part_idx, vocab, logits.stride(0), num_chunks,
-        CHUNK=chunk, BLOCK=block, num_warps=4)
+        logits, temperatures, keys, bitmask if masked else keys, mask_rows if masked else keys,
+        part_val, part_idx, vocab, logits.stride(0), bitmask.shape[1] if masked else 0, num_chunks,
+        CHUNK=chunk, BLOCK=block, MASKED=masked, num_warps=4)
     _row_argmax_kernel[(num_rows,)](part_val, part_idx, out, num_chunks,
                                     BLOCK_C=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
     return out

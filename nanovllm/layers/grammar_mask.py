@@ -23,6 +23,15 @@ class GrammarMask:
             return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
         return GrammarMask(move(self.bitmask), move(self.rows))
 
+    def row_index(self, num_rows: int) -> torch.Tensor:
+        """[num_rows] int32: each logits row's bitmask row, -1 where the row is not masked."""
+        device = self.bitmask.device
+        if self.rows is None:
+            return torch.arange(num_rows, dtype=torch.int32, device=device)
+        index = torch.full((num_rows,), -1, dtype=torch.int32, device=device)
+        index[self.rows] = torch.arange(len(self.rows), dtype=torch.int32, device=device)
+        return index
+
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[rows, words] int32 -> [rows, vocab_size] bool, True = allowed."""

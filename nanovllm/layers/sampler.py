@@ -13,7 +13,8 @@ by (request seed, output position), so their tokens do not depend on the batch.
 
 On CUDA, when no row uses top-k, top-p or min-p, the race runs as the Gumbel-max trick in
 one Triton pass over the logits (`kernels/sampling.py`): the same distribution, its noise
-from Philox keyed per row (a seeded row's key is its generator seed above).
+from Philox keyed per row (a seeded row's key is its generator seed above); the grammar
+bitmask is then applied inside that pass.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -170,19 +171,21 @@ class Sampler(nn.Module):
         raw_logprobs = None
         if params.logprob_rows is not None:  # NOTE: from the unmodified distribution
             raw_logprobs = torch.log_softmax(logits[params.logprob_rows].float(), dim=-1)
-        if not one_pass or params.penalties is not None or params.banned_rows is not None or grammar is not None:
+        if not one_pass or params.penalties is not None or params.banned_rows is not None:
             logits = logits.to(torch.float32, copy=True)  # [num_rows, vocab]: ours to edit in place
             if params.penalties is not None:
                 apply_penalties(logits, params.penalties)
             if params.banned_rows is not None:
                 logits[params.banned_rows, params.banned_token_ids] = float("-inf")
-            if grammar is not None:  # NOTE: the engine never leaves a row with no token allowed
-                apply_grammar_mask(logits, grammar)
-        if params.all_greedy:
+        if grammar is not None and not one_pass:  # NOTE: the engine never leaves a row with no token allowed
+            apply_grammar_mask(logits, grammar)
+        if params.all_greedy and (grammar is None or not one_pass):
             token_ids = logits.argmax(dim=-1)
-        elif one_pass:
+        elif one_pass:  # the one-pass kernel applies the grammar's bitmask as it reads the logits
             from nanovllm.kernels.sampling import gumbel_argmax
-            token_ids = gumbel_argmax(logits, params.temperatures, self._row_keys(params, len(logits), generator))
+            keys = self._row_keys(params, len(logits), generator)
+            mask = {} if grammar is None else dict(bitmask=grammar.bitmask, mask_rows=grammar.row_index(len(logits)))
+            token_ids = gumbel_argmax(logits, params.temperatures, keys, **mask)
         elif params.any_greedy:
             greedy = logits.argmax(dim=-1)  # before _sample edits the logits in place
             token_ids = torch.where(params.temperatures > 0, self._sample(logits, params, generator), greedy)

@@ -85,3 +85,50 @@ def assert_draws_from_softmax(logits: torch.Tensor, temperature: float, ids: tor
     ecdf_hi = torch.arange(1, n + 1, dtype=torch.float64) / n
     ks = torch.maximum(ecdf_hi - u, u - (ecdf_hi - 1 / n)).max().item()
     assert ks < 1.95 / n ** 0.5, f"KS {ks:.3f} over {n} draws"
+
+
+def pack(allowed: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] bool -> the [rows, ceil(vocab / 32)] int32 bitmask xgrammar fills."""
+    rows, vocab = allowed.shape
+    padded = torch.zeros(rows, -(-vocab // 32) * 32, dtype=torch.int64, device=allowed.device)
+    padded[:, :vocab] = allowed.long()
+    words = (padded.view(rows, -1, 32) << torch.arange(32, device=allowed.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def masked_case(rows: int, vocab: int, device="cpu"):
+    """Random logits, a bitmask for every other row (row -> mask row reversed), and the same
+    masks written into the logits as -inf: the kernel must draw identically from both."""
+    logits = torch.randn(rows, vocab, device=device) * 3
+    allowed = torch.rand(rows, vocab, device=device) < 0.3
+    allowed[:, vocab - 1] = True                      # the last id, in the last (partial) word
+    constrained = torch.arange(0, rows, 2, device=device)
+    order = constrained.flip(0)                       # the bitmask's rows need not follow the logits'
+    mask_rows = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    mask_rows[order] = torch.arange(len(order), dtype=torch.int32, device=device)
+    premasked = logits.clone()
+    premasked[constrained] = premasked[constrained].masked_fill(~allowed[constrained], -math.inf)
+    return logits, pack(allowed[order]), mask_rows, premasked, allowed
+
+
+def test_the_bitmask_equals_masking_the_logits_first():
+    rows, vocab = 8, 100
+    logits, bitmask, mask_rows, premasked, allowed = masked_case(rows, vocab)
+    t = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5, 2.0, 0.0, 1.0])
+    out = gumbel_argmax(logits, t, keys(rows), bitmask=bitmask, mask_rows=mask_rows, **SMALL)
+    assert out.tolist() == gumbel_argmax(premasked, t, keys(rows), **SMALL).tolist()
+    assert allowed[0::2].gather(1, out[0::2, None]).all()
+    assert out[1::2].tolist() == gumbel_argmax(logits[1::2], t[1::2], keys(rows)[1::2], **SMALL).tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bitmask_at_engine_sizes():
+    rows, vocab = 256, 151_936
+    logits, bitmask, mask_rows, premasked, allowed = masked_case(rows, vocab, device="cuda")
+    t = torch.full((rows,), 0.6, device="cuda")
+    t[::3] = 0.0
+    k = keys(rows, device="cuda")
+    out = gumbel_argmax(logits.bfloat16(), t, k, bitmask=bitmask, mask_rows=mask_rows)
+    assert torch.equal(out, gumbel_argmax(premasked.bfloat16(), t, k))
+    assert allowed[0::2].gather(1, out[0::2, None]).all()
