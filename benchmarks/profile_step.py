@@ -1,14 +1,16 @@
-"""Where does a step's time go? Runs the bench workload (or a slice of it) and reports wall
-time per engine phase, plus the top GPU kernels of a few decode steps.
+"""Where a workload's time goes, step by step: runs one bench.py workload (same requests, same
+engine settings) and records every engine step's wall time with what it carried: prefill
+tokens, decode rows, and the KV tokens its attention reads. It then sums the time by kind of
+step (steps carrying prefill; pure decode by batch size) beside each kind's bytes bound:
+the weights read once plus the KV read, at --bandwidth.
 
-    python benchmarks/profile_step.py [--model DIR] [--num-seqs 256] [--attention-backend auto]
+    python benchmarks/profile_step.py                                 # the reference workload
+    python benchmarks/profile_step.py --workload long
+    python benchmarks/profile_step.py --model-config qwen3-30b-a3b    # the MoE model
 
-Phases are timed by wrapping the engine's methods with a synchronizing timer, so the sum
-is slower than an unwrapped run; read the shares, not the absolute total. With `--host`
-the timers do not synchronize: they show the host's own time per phase and how long it
-waits for the device ("wait for sampled ids"); with overlap on, a GPU-bound engine
-spends its spare host time there.
-"""
+Takes bench.py's flags. With overlap on, a step's wall time is, in the steady state, the
+device time of the step before it: read the sums by kind, not single steps. The bound counts
+every weight once per step (an MoE step at a small batch reads fewer experts than that)."""
 import argparse
 import collections
 import sys
@@ -18,89 +20,95 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import bench  # noqa: E402  (the workload and the default checkpoint)
-import nanovllm.engine.llm_engine as llm_engine_module  # noqa: E402
-import nanovllm.engine.sampling_batch as sampling_batch  # noqa: E402
+import bench  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.engine.kv_cache import kv_cache_dtype  # noqa: E402
 
-TOTALS = collections.defaultdict(float)
-COUNTS = collections.Counter()
-
-
-SYNC = True
+DECODE_BUCKETS = (1, 16, 64, 128, 256, 512, 1 << 30)   # upper bounds of the decode-row buckets
 
 
-def timed(name, fn):
-    def wrapper(*args, **kwargs):
-        if SYNC:
-            torch.cuda.synchronize()
+def kv_bytes_per_token(llm: LLM) -> int:
+    m, runner = llm.model_config, llm.model_runner
+    element = kv_cache_dtype(llm.config.kv_cache_dtype, runner.dtype).itemsize
+    return m.num_hidden_layers * 2 * m.num_key_value_heads * m.head_dim * element
+
+
+def record_steps(llm: LLM) -> list[tuple[float, int, int, int]]:
+    """Wrap the engine's step: each call appends (seconds, prefill tokens, decode rows, KV tokens read)."""
+    steps, schedule, step = [], llm.scheduler.schedule, llm.step
+    scheduled = []
+
+    def timed_schedule():
+        batch = schedule()
+        scheduled.append(sum(seq.num_computed_tokens + n for seq, n in zip(batch.seqs, batch.num_scheduled_tokens)))
+        return batch
+
+    def timed_step():
         start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if SYNC:
-            torch.cuda.synchronize()
-        TOTALS[name] += time.perf_counter() - start
-        COUNTS[name] += 1
+        out = step()
+        _, prefill, decodes = out
+        steps.append((time.perf_counter() - start, prefill, decodes, scheduled.pop() if scheduled else 0))
         return out
-    return wrapper
+    llm.scheduler.schedule, llm.step = timed_schedule, timed_step
+    return steps
 
 
-def instrument(llm: LLM) -> None:
-    llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
-    llm.scheduler.on_output = timed("on_output", llm.scheduler.on_output)
-    llm_engine_module.build_step_inputs = timed("build_step_inputs", llm_engine_module.build_step_inputs)
-    runner = llm.model_runner
-    runner.forward = timed("forward (model + lm head)", runner.forward)
-    runner.sampler.forward = timed("sampler", runner.sampler.forward)
-    runner.run = timed("run (to device + forward + sample)", runner.run)
-    if hasattr(llm, "outputs"):
-        llm.outputs.process = timed("outputs.process", llm.outputs.process)
-    llm.step = timed("step", llm.step)
-    sampling_batch.PendingOutput.result = timed("wait for sampled ids", sampling_batch.PendingOutput.result)
+def bucket(prefill: int, decodes: int) -> tuple[int, str]:
+    """(sort order, label) of a step's kind: steps carrying prefill, or decode-only by rows."""
+    if prefill:
+        return -2, "with prefill"
+    if not decodes:
+        return -1, "drain (no launch)"
+    i = next(i for i, upper in enumerate(DECODE_BUCKETS) if decodes <= upper)
+    lower = DECODE_BUCKETS[i - 1] + 1 if i else 1
+    return i, f"decode {lower}-{DECODE_BUCKETS[i] if i < len(DECODE_BUCKETS) - 1 else ''}"
+
+
+def report(steps, weight_bytes: int, kv_bytes: int, bandwidth: float) -> None:
+    rows = collections.defaultdict(lambda: [0, 0.0, 0.0, 0, 0])   # steps, seconds, bound s, tokens, decodes
+    for seconds, prefill, decodes, kv_tokens in steps:
+        r = rows[bucket(prefill, decodes)]
+        r[0] += 1
+        r[1] += seconds
+        r[2] += (weight_bytes + kv_tokens * kv_bytes) / bandwidth
+        r[3] += prefill
+        r[4] += decodes
+    total = sum(r[1] for r in rows.values())
+    print(f"{'kind of step':18s} {'steps':>6s} {'seconds':>8s} {'share':>6s} {'ms/step':>8s} {'bound ms':>8s} "
+          f"{'x bound':>7s} {'prefill tok':>11s} {'decode tok':>10s}")
+    for key in sorted(rows):
+        n, s, b, p, d = rows[key]
+        name = key[1]
+        print(f"{name:18s} {n:6d} {s:8.3f} {s / total:6.1%} {s / n * 1e3:8.3f} {b / n * 1e3:8.3f} {s / b:7.2f} "
+              f"{p:11d} {d:10d}")
+    print(f"{'all':18s} {sum(r[0] for r in rows.values()):6d} {total:8.3f}")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model")
-    p.add_argument("--num-seqs", type=int, default=256)
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--no-overlap", action="store_true")
-    p.add_argument("--host", action="store_true", help="time host phases without synchronizing")
-    p.add_argument("--no-kernels", action="store_true", help="skip the kernel table")
-    args = p.parse_args()
-    global SYNC
-    SYNC = not args.host
-    model = args.model or bench.default_model_dir()
-    llm = LLM(model, max_model_len=4096, attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-              enable_overlap=not args.no_overlap)
-    workload = bench.make_workload(args.num_seqs, 1024, 1024)
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload.max_tokens]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bandwidth", type=float, default=4.3, help="TB/s the bound assumes (the H200's copy rate)")
+    ours, rest = p.parse_known_args()
+    args = bench.parse_args(rest)
+    model = args.model or bench.prepare_model(args.model_config, bench.resolved_load_format(args))
+    (workload,) = bench.build_workloads(args).values()
+    workload = bench.fit_to_vocab(workload, bench.model_vocab_size(model))
+    llm = LLM(model, **bench.engine_config(args, workload.spec))
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    spec = workload.spec
+    extra = ({"n": spec.n} if spec.n != 1 else {}) | ({"top_p": spec.top_p} if spec.top_p != 1.0 else {})
+    params = [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
+              for m in workload.max_tokens]
+    steps = record_steps(llm)
     start = time.perf_counter()
-    llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
-    plain = time.perf_counter() - start
-    instrument(llm)
-    start = time.perf_counter()
-    llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
-    wrapped = time.perf_counter() - start
-    print(f"engine info: {llm.engine_info()}")
-    print(f"unwrapped run {plain:.2f}s ({workload.num_output_tokens / plain:.0f} tok/s); instrumented {wrapped:.2f}s")
-    print(f"{'phase':40s} {'calls':>7s} {'total s':>9s} {'ms/call':>9s}")
-    for name, total in sorted(TOTALS.items(), key=lambda kv: -kv[1]):
-        print(f"{name:40s} {COUNTS[name]:7d} {total:9.3f} {1000 * total / COUNTS[name]:9.3f}")
-    if not args.no_kernels:
-        profile_decode(llm, workload)
-
-
-def profile_decode(llm: LLM, workload) -> None:
-    """Top kernels over a few full-batch decode steps."""
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=24)
-    prompts = workload.prompt_token_ids[:256]
-    llm.generate(prompts, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=2), use_tqdm=False)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        llm.generate(prompts, params, use_tqdm=False)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    outputs = llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    generated = sum(map(bench.count_output_tokens, outputs))
+    weight_bytes = sum(t.numel() * t.element_size() for t in llm.model_runner.model.parameters())
+    print(f"{spec.name}: {generated} tokens in {seconds:.2f}s = {generated / seconds:.0f} tok/s; weights "
+          f"{weight_bytes / 1e9:.2f} GB, KV {kv_bytes_per_token(llm) / 1024:.0f} KiB/token; "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    report(steps, weight_bytes, kv_bytes_per_token(llm), ours.bandwidth * 1e12)
+    llm.exit()
 
 
 if __name__ == "__main__":
