@@ -387,12 +387,18 @@ class HFRunner:
     name = "hf"
     PAD_ID = 0  # any id: padded positions are masked out, and no row stops early
 
-    def __init__(self, model: str, device: str, batch_size: int):
+    def __init__(self, model: str, device: str, batch_size: int, dummy: bool = False):
         import torch
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
         self.device, self.batch_size = device, batch_size
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+        if dummy:  # --load-format dummy: random weights made on the device (speed does not depend on them)
+            config = AutoConfig.from_pretrained(model)
+            with torch.device(device):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                              attn_implementation="sdpa").eval()
+        else:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
 
     def warmup(self):
         self.prepare(Workload(PROBE, [[1] * 8], [8]))()
@@ -507,8 +513,8 @@ def parse_args(argv=None):
                    help=f"the random checkpoint's architecture when --model is not given: {' | '.join(MODEL_CONFIGS)}"
                         " | PATH to a config.json")
     p.add_argument("--load-format", choices=["auto", "dummy"],
-                   help="dummy: random weights made in place, no weight files (needs a nanovllm with "
-                        "Config.load_format); default: dummy for qwen3-30b-a3b, else auto")
+                   help="dummy: random weights made in place, no weight files (hf: on the device; nanovllm: needs "
+                        "a version with Config.load_format); default: dummy for qwen3-30b-a3b, else auto")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every workload's request count (tiny runs)")
     p.add_argument("--num-seqs", type=int, help="request count (prompts, for sampling-n); overrides --scale")
     p.add_argument("--max-input-len", type=int, help="cap every prompt length (tiny runs); default: no cap")
@@ -561,7 +567,7 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("--model and --model-config exclude each other")
     if args.backend == "hf":
         for flag, bad in (("--tp", args.tp != 1), ("--kv-cache-dtype", args.kv_cache_dtype != "auto"),
-                          ("--structured", args.structured != "none"), ("--load-format dummy", args.load_format == "dummy"),
+                          ("--structured", args.structured != "none"),
                           ("sampling-n (n > 1)", any(s.n > 1 for s in specs))):
             if bad:
                 p.error(f"{flag} is for the nanovllm backend only")
@@ -647,7 +653,7 @@ def check_package(args) -> None:
 
 def make_runner(args, model: str, config: dict):
     if args.backend == "hf":
-        return HFRunner(model, config["device"], args.hf_batch_size)
+        return HFRunner(model, config["device"], args.hf_batch_size, resolved_load_format(args) == "dummy")
     return NanoRunner(model, config)
 
 

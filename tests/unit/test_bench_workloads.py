@@ -129,3 +129,17 @@ def test_structured_constraints_hold_on_the_bench_tokenizer():
                 assert quote not in allowed and eos not in allowed
             assert matcher.accept_token(word)
         assert not matcher.is_terminated()
+
+
+def test_hf_baseline_runs_on_dummy_weights(tmp_path):
+    """--backend hf --load-format dummy (the 30B MoE baseline, whose weight files bench.py never
+    writes): the HF model is built from config.json alone, random, on the device."""
+    import json
+    from nanovllm.utils.random_checkpoint import QWEN3_0_6B_CONFIG
+    config = dict(QWEN3_0_6B_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    runner = bench.HFRunner(str(tmp_path), "cpu", batch_size=2, dummy=True)
+    assert runner.model.config.hidden_size == 32 and not any(p.is_meta for p in runner.model.parameters())
+    workload = bench.Workload(bench.PROBE, [[1, 2, 3], [4, 5]], [3, 2])
+    assert runner.prepare(workload)() == 5
