@@ -28,7 +28,13 @@ class SkinnyConfig(NamedTuple):
 
 # (N, K) -> config, measured by `benchmarks/skinny_gemm.py --sweep` (it prints lines to paste here).
 # Shapes not listed get `default_config`.
-SKINNY_CONFIGS: dict[tuple[int, int], SkinnyConfig] = {}
+SKINNY_CONFIGS: dict[tuple[int, int], SkinnyConfig] = {
+    # Qwen3-0.6B, one H100 80GB HBM3, 2026-12-05 (`--sweep --quick`; split-K won on no shape)
+    (4096, 1024): SkinnyConfig(4, 512, 4, 1, 1),   # qkv: 4.48 us (1.87 TB/s), default 5.16, cuBLAS 5.28
+    (1024, 2048): SkinnyConfig(4, 1024, 8, 3, 1),  # o_proj: 3.70 us (1.13 TB/s), default 6.10, cuBLAS 5.78
+    (6144, 1024): SkinnyConfig(8, 512, 4, 1, 1),   # gate_up: 6.26 us (2.01 TB/s), default 6.58, cuBLAS 6.99
+    (1024, 3072): SkinnyConfig(4, 1024, 8, 1, 1),  # down: 4.60 us (1.37 TB/s), default 8.28, cuBLAS 6.91
+}
 
 REDUCE_BLOCK = 1024  # outputs per program of the split-K reduce
 
