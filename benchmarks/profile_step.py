@@ -60,8 +60,10 @@ def bucket(prefill: int, decodes: int) -> tuple[int, str]:
     if not decodes:
         return -1, "drain (no launch)"
     i = next(i for i, upper in enumerate(DECODE_BUCKETS) if decodes <= upper)
-    lower = DECODE_BUCKETS[i - 1] + 1 if i else 1
-    return i, f"decode {lower}-{DECODE_BUCKETS[i] if i < len(DECODE_BUCKETS) - 1 else ''}"
+    if i == 0:
+        return i, "decode 1"
+    upper = DECODE_BUCKETS[i] if i < len(DECODE_BUCKETS) - 1 else ""
+    return i, f"decode {DECODE_BUCKETS[i - 1] + 1}-{upper}"
 
 
 def report(steps, weight_bytes: int, kv_bytes: int, bandwidth: float) -> None:
