@@ -9,7 +9,6 @@ step time of `python bench.py` at the same batch size.
 The rows walk random paths through the schema's grammar (a random allowed token each step)."""
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -58,7 +57,7 @@ def run(args: argparse.Namespace, threads: int) -> None:
     if threads:
         grammars._batch_matcher = grammars._xgr.BatchGrammarMatcher(max_threads=threads)
     seqs = [Sequence([0], params) for _ in range(args.rows)]
-    rng = random.Random(0)
+    generator = torch.Generator().manual_seed(0)
     fill_ms, advance_ms = [], []
     for _ in range(args.steps):
         live = [s for s in seqs if not s.is_finished]
@@ -66,10 +65,13 @@ def run(args: argparse.Namespace, threads: int) -> None:
         mask = grammars.fill(live)
         fill_ms.append((time.perf_counter() - start) * 1e3)
         allowed = unpack_bitmask(mask.bitmask, vocab)   # [rows, vocab]: pick a random allowed token
+        others = allowed.clone()
+        others[:, tokenizer.eos_token_id] = False        # EOS only where nothing else is allowed
+        allowed = torch.where(others.any(dim=1, keepdim=True), others, allowed)
+        # NOTE: one batched draw: a Python pick over each row's ~150k allowed ids took ~10 ms a row
+        tokens = torch.multinomial(allowed.float(), 1, generator=generator).flatten().tolist()
         sampled = {}
-        for row, seq in enumerate(live):
-            ids = allowed[row].nonzero().flatten().tolist()
-            token = rng.choice([t for t in ids if t != tokenizer.eos_token_id] or ids)
+        for seq, token in zip(live, tokens):
             seq.token_ids.append(token)
             sampled[seq.seq_id] = token
         start = time.perf_counter()
