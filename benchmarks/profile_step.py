@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
-from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm import LLM  # noqa: E402
 from nanovllm.engine.kv_cache import kv_cache_dtype  # noqa: E402
 
 DECODE_BUCKETS = (1, 16, 64, 128, 256, 512, 1 << 30)   # upper bounds of the decode-row buckets
@@ -94,22 +94,20 @@ def main() -> None:
     model = args.model or bench.prepare_model(args.model_config, bench.resolved_load_format(args))
     (workload,) = bench.build_workloads(args).values()
     workload = bench.fit_to_vocab(workload, bench.model_vocab_size(model))
-    llm = LLM(model, **bench.engine_config(args, workload.spec))
-    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
-    spec = workload.spec
-    extra = ({"n": spec.n} if spec.n != 1 else {}) | ({"top_p": spec.top_p} if spec.top_p != 1.0 else {})
-    params = [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
-              for m in workload.max_tokens]
+    runner = bench.NanoRunner(model, bench.engine_config(args, workload.spec))  # the requests bench.py sends
+    runner.warmup()
+    llm = runner.llm
+    run = runner.prepare(workload)
     steps = record_steps(llm)
     start = time.perf_counter()
-    outputs = llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
+    generated = run()
     seconds = time.perf_counter() - start
-    generated = sum(map(bench.count_output_tokens, outputs))
     weight_bytes = sum(t.numel() * t.element_size() for t in llm.model_runner.model.parameters())
-    print(f"{spec.name}: {generated} tokens in {seconds:.2f}s = {generated / seconds:.0f} tok/s; weights "
-          f"{weight_bytes / 1e9:.2f} GB, KV {kv_bytes_per_token(llm) / 1024:.0f} KiB/token; "
+    kv_bytes = kv_bytes_per_token(llm)
+    print(f"{workload.spec.name}: {generated} tokens in {seconds:.2f}s = {generated / seconds:.0f} tok/s; weights "
+          f"{weight_bytes / 1e9:.2f} GB, KV {kv_bytes / 1024:.0f} KiB/token; "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    report(steps, weight_bytes, kv_bytes_per_token(llm), ours.bandwidth * 1e12)
+    report(steps, weight_bytes, kv_bytes, ours.bandwidth * 1e12)
     llm.exit()
 
 
