@@ -27,7 +27,9 @@ from nanovllm.layers.fused_moe import FusedMoE, Routing, fused_experts_reference
 H200_TBPS = 4.3
 SWEEP = [MoeTiles(16, 32, 128, 4, 4), MoeTiles(16, 64, 128, 4, 3), MoeTiles(16, 128, 128, 4, 3),
          MoeTiles(32, 64, 128, 4, 3), MoeTiles(32, 128, 64, 4, 3), MoeTiles(64, 64, 128, 4, 3),
-         MoeTiles(64, 128, 64, 8, 3), MoeTiles(64, 128, 128, 8, 3)]
+         MoeTiles(64, 128, 64, 8, 3), MoeTiles(64, 128, 128, 8, 3),
+         MoeTiles(16, 64, 128, 4, 4), MoeTiles(32, 64, 128, 4, 4), MoeTiles(16, 64, 256, 4, 3),
+         MoeTiles(32, 64, 256, 4, 3), MoeTiles(32, 32, 128, 4, 4)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

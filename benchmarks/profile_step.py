@@ -7,6 +7,7 @@ the weights read once plus the KV read, at --bandwidth.
     python benchmarks/profile_step.py                                 # the reference workload
     python benchmarks/profile_step.py --workload long
     python benchmarks/profile_step.py --model-config qwen3-30b-a3b    # the MoE model
+    python benchmarks/profile_step.py --kernels 400:50                # + GPU kernel time of steps 400-449
 
 Takes bench.py's flags. With overlap on, a step's wall time is, in the steady state, the
 device time of the step before it: read the sums by kind, not single steps. The bound counts
@@ -86,9 +87,45 @@ def report(steps, weight_bytes: int, kv_bytes: int, bandwidth: float) -> None:
     print(f"{'all':18s} {sum(r[0] for r in rows.values()):6d} {total:8.3f}")
 
 
+ACTIVITY = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
+DEVICE_TYPE = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
+
+
+def profile_kernels(llm: LLM, first: int, count: int):
+    """Wrap the engine's step in torch.profiler: kernel time of steps first+1..first+count (CPU: op time)."""
+    prof = torch.profiler.profile(activities=[ACTIVITY],
+                                  schedule=torch.profiler.schedule(wait=first, warmup=1, active=count, repeat=1))
+    step = llm.step
+
+    def profiled_step():
+        out = step()
+        prof.step()
+        return out
+    llm.step = profiled_step
+    prof.start()
+    return prof
+
+
+def self_us(event) -> float:
+    return event.self_device_time_total if DEVICE_TYPE == torch.autograd.DeviceType.CUDA else event.self_cpu_time_total
+
+
+def kernel_table(prof, steps: list, first: int, count: int) -> None:
+    events = [e for e in prof.key_averages() if e.device_type == DEVICE_TYPE]
+    total = sum(self_us(e) for e in events) / 1e3
+    window = steps[first + 1:first + 1 + count]
+    wall = sum(s[0] for s in window) * 1e3
+    rows = sum(s[2] for s in window) / max(len(window), 1)
+    print(f"steps {first + 1}-{first + count} (mean {rows:.0f} decode rows): GPU kernels {total / count:.3f} ms/step "
+          f"in {sum(e.count for e in events) / count:.0f} kernels; wall {wall / max(len(window), 1):.3f} ms/step")
+    for e in sorted(events, key=lambda e: -self_us(e))[:16]:
+        print(f"  {self_us(e) / count / 1e3:8.4f} ms/step {e.count / count:6.1f}/step  {e.key[:100]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bandwidth", type=float, default=4.3, help="TB/s the bound assumes (the H200's copy rate)")
+    p.add_argument("--kernels", metavar="FIRST:COUNT", help="also profile the GPU kernels of COUNT steps from FIRST")
     ours, rest = p.parse_known_args()
     args = bench.parse_args(rest)
     model = args.model or bench.prepare_model(args.model_config, bench.resolved_load_format(args))
@@ -99,15 +136,21 @@ def main() -> None:
     llm = runner.llm
     run = runner.prepare(workload)
     steps = record_steps(llm)
+    window = tuple(map(int, ours.kernels.split(":"))) if ours.kernels else None
+    prof = profile_kernels(llm, *window) if window else None
     start = time.perf_counter()
     generated = run()
     seconds = time.perf_counter() - start
+    if prof:
+        prof.stop()
     weight_bytes = sum(t.numel() * t.element_size() for t in llm.model_runner.model.parameters())
     kv_bytes = kv_bytes_per_token(llm)
     print(f"{workload.spec.name}: {generated} tokens in {seconds:.2f}s = {generated / seconds:.0f} tok/s; weights "
           f"{weight_bytes / 1e9:.2f} GB, KV {kv_bytes / 1024:.0f} KiB/token; "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     report(steps, weight_bytes, kv_bytes, ours.bandwidth * 1e12)
+    if prof:
+        kernel_table(prof, steps, *window)
     llm.exit()
 
 
