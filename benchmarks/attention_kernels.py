@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs="*", default=[1, 64, 256], help="decode batch sizes")
     p.add_argument("--context", type=int, default=1024, help="cached keys per decode sequence")
+    p.add_argument("--context-min", type=int, help="draw each decode sequence's keys uniformly from "
+                   "[--context-min, --context] (a real batch's mix of lengths) instead of --context for all")
     p.add_argument("--prefill-batches", type=int, nargs="*", default=[1, 4], help="prompts per prefill step")
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=256)
@@ -55,7 +57,7 @@ def load_flash(disabled: bool):
 class PagedKV:
     """Random K/V for `num_seqs` sequences of `k_len` keys in randomly permuted cache blocks."""
 
-    def __init__(self, num_seqs: int, k_len: int, args: argparse.Namespace):
+    def __init__(self, num_seqs: int, k_len: int, args: argparse.Namespace, k_min: int | None = None):
         blocks_per_seq = math.ceil(k_len / args.block_size)
         num_blocks = num_seqs * blocks_per_seq
         shape = (num_blocks, args.block_size, args.num_kv_heads, args.head_dim)
@@ -63,8 +65,12 @@ class PagedKV:
         self.v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
         perm = torch.randperm(num_blocks, device="cuda").to(torch.int32)
         self.block_tables = perm.view(num_seqs, blocks_per_seq)  # [num_seqs, blocks_per_seq]
-        self.context_lens = torch.full((num_seqs,), k_len, dtype=torch.int32, device="cuda")
-        self.kv_bytes = 2 * num_seqs * k_len * args.num_kv_heads * args.head_dim * 2  # K and V, bf16
+        if k_min is None:
+            self.context_lens = torch.full((num_seqs,), k_len, dtype=torch.int32, device="cuda")
+        else:
+            self.context_lens = torch.randint(k_min, k_len + 1, (num_seqs,), dtype=torch.int32, device="cuda")
+        keys = int(self.context_lens.sum())
+        self.kv_bytes = 2 * keys * args.num_kv_heads * args.head_dim * 2  # K and V, bf16
 
     def fp8(self) -> tuple[dict, int]:
         """The caches quantized to e4m3 (keyword arguments of the kernels and the reference),
@@ -122,19 +128,22 @@ def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
     from nanovllm.kernels.paged_decode import paged_decode_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
 
-    kv = PagedKV(batch, args.context, args)
+    kv = PagedKV(batch, args.context, args, args.context_min)
     q = torch.randn(batch, args.num_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
     scale = args.head_dim ** -0.5
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     ref = paged_attention_ref(q, kv.k_cache, kv.v_cache, cu_q, kv.context_lens, kv.block_tables, scale)
 
-    variants = {"triton (auto splits)": None}
+    # "longest first": the programs start in order of context length (the engine's order)
+    longest_first = torch.argsort(kv.context_lens, descending=True, stable=True).to(torch.int32)
+    variants = {"triton (auto splits)": (None, None), "triton longest first": (None, longest_first)}
     if args.sweep_splits:
-        variants.update({f"triton splits={s}": s for s in (1, 2, 4, 8, 16, 32)})
+        for s in (1, 2, 4, 8, 16, 32):
+            variants.update({f"triton splits={s}": (s, None), f"triton splits={s} longest first": (s, longest_first)})
     rows = []
-    for name, splits in variants.items():
+    for name, (splits, order) in variants.items():
         fn = lambda: paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.context_lens,  # noqa: E731
-                                            kv.block_tables, scale, num_splits=splits)
+                                            kv.block_tables, scale, num_splits=splits, order=order)
         err = check(name, fn(), ref)
         rows.append(("decode", batch, name, bench_ms(fn, args.rep_ms, graph=True), err, kv.kv_bytes))
     fp8, fp8_bytes = kv.fp8()
@@ -237,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     warm_up_clocks()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; heads {args.num_heads}/"
           f"{args.num_kv_heads}, head_dim {args.head_dim}, bf16, block size {args.block_size}, decode context "
-          f"{args.context}, prompt length {args.prompt_len}; decode timed as CUDA-graph replays")
+          f"{args.context if args.context_min is None else f'{args.context_min}-{args.context}'}, prompt length {args.prompt_len}; decode timed as CUDA-graph replays")
     rows = []
     for batch in args.batches:
         rows += decode_rows(batch, args, flash)

@@ -35,6 +35,7 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.decode_order = torch.arange(n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -44,7 +45,8 @@ class DecodeGraphs:
             slot_mapping=self.slot_mapping[:bs], cu_seqlens_q=self.cu_seqlens[:bs + 1],
             cu_seqlens_k=self.cu_seqlens[:bs + 1], max_seqlen_q=1, max_seqlen_k=self.max_model_len,
             context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
-            logits_indices=self.cu_seqlens[:bs].long(), is_decode=True, has_cached_kv=True)
+            logits_indices=self.cu_seqlens[:bs].long(), is_decode=True, has_cached_kv=True,
+            decode_order=self.decode_order[:bs])
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -74,9 +76,11 @@ class DecodeGraphs:
         self.positions[:bs] = inputs.positions
         self.slot_mapping[:bs] = meta.slot_mapping
         self.context_lens[:bs] = meta.context_lens
+        self.decode_order[:bs] = meta.decode_order
         if graph_bs > bs:
             self.slot_mapping[bs:graph_bs] = -1
             self.context_lens[bs:graph_bs] = 0
+            self.decode_order[bs:graph_bs] = self.cu_seqlens[bs:graph_bs]  # the padding rows, last
         # NOTE: entries past a sequence's blocks (-1, or stale from an earlier step) are never
         # read: its context length bounds the reads (one copy per step, no clearing)
         self.block_tables[:bs, :meta.block_tables.shape[1]] = meta.block_tables

@@ -106,6 +106,11 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
 
     # a mixed step's leading one-token rows (the decodes) attend through the decode kernel
     num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else 0
+    is_decode = bool((counts == 1).all())
+    decode_rows = num_seqs if is_decode else num_decodes
+    # longest context first (stable: ties keep batch order, so the order is deterministic)
+    decode_order = torch.from_numpy(np.argsort(-context_lens[:decode_rows], kind="stable").astype(np.int32)) \
+        if decode_rows else None
     prefill = {}
     if num_decodes:
         d = num_decodes
@@ -121,8 +126,9 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
         context_lens=torch.from_numpy(context_lens),
         block_tables=torch.from_numpy(block_tables),
         logits_indices=torch.from_numpy(logits_indices),
-        is_decode=bool((counts == 1).all()),
+        is_decode=is_decode,
         has_cached_kv=bool((starts > 0).any()),
+        decode_order=decode_order,
         **prefill,
     )
     deferred = (torch.from_numpy(np.asarray(deferred_index, dtype=np.int64)),

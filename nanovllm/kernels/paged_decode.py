@@ -17,6 +17,11 @@ softmax weights.
 
 GQA: each program handles all `group = num_heads // num_kv_heads` query heads of one
 kv head, so every K/V tile is read once per kv head, not once per query head.
+
+Order: a batch mixes contexts of 100 and 2,000 keys, and the GPU starts programs in grid
+order, so a long sequence started last holds the step while most SMs idle. With `order`
+(the sequences by context length, longest first) the programs start longest first and
+the short ones fill the end (longest-processing-time-first scheduling).
 """
 import functools
 
@@ -41,18 +46,22 @@ MAX_SPLITS = 32
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    context_lens_ptr, block_tables_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
+    context_lens_ptr, block_tables_ptr, order_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_sb, stride_ss,
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    DIRECT: tl.constexpr, FP8: tl.constexpr,
+    DIRECT: tl.constexpr, FP8: tl.constexpr, ORDERED: tl.constexpr,
 ):
-    # grid (seq, kv head, split): one split of one sequence's keys, for all GROUP query heads
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+    # grid (kv head x split, sequence rank): one split of one sequence's keys, for all GROUP
+    # query heads; a sequence's programs start together, in `order` when given
+    kv_head = tl.program_id(0) // num_splits
+    split = tl.program_id(0) % num_splits
+    if ORDERED:
+        seq = tl.load(order_ptr + tl.program_id(1))
+    else:
+        seq = tl.program_id(1)
     ctx = tl.load(context_lens_ptr + seq)
     # NOTE: splits are sized from ctx inside the kernel, so the grid (and a captured CUDA
     # graph) never depends on tensor contents; split starts stay multiples of BLOCK_N.
@@ -171,13 +180,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, max_context_len: int | None = None,
-                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                           order: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence (its last position) over its paged keys; ctx-0 rows get zeros.
 
     num_splits: key splits per sequence; by default chosen by `choose_num_splits` from the
     batch shape and max_context_len (default: block_tables.shape[1] * block_size), all
     Python ints that stay fixed across CUDA-graph replays. An fp8 cache needs k_scale/v_scale
-    (see `nanovllm.kernels.fp8`).
+    (see `nanovllm.kernels.fp8`). order: [num_seqs] int32, a permutation of the sequences
+    to start them in (longest context first balances the SMs); the output stays in batch order.
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -200,8 +211,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part_shape = (num_seqs, num_heads, 1 if direct else num_splits)
     part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, k_scale, v_scale,
+    _decode_split_kernel[(num_kv_heads * num_splits, num_seqs)](
+        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, order, k_scale, v_scale,
         scale * LOG2E, num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -210,7 +221,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct, FP8=is_fp8(k_cache.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ORDERED=order is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -47,6 +47,10 @@ class AttentionMetadata:
     prefill_cu_seqlens_k: torch.Tensor | None = None
     prefill_max_seqlen_q: int = 0
     prefill_has_cached_kv: bool = False
+    # [num_decodes, or num_seqs in a decode step] int32: the decode rows by context length,
+    # longest first. The decode kernel starts their programs in this order, so the short
+    # ones, not a long one started last, end the step. None: batch order.
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -65,10 +69,10 @@ class AttentionMetadata:
         decode = replace(self, slot_mapping=self.slot_mapping[:d], cu_seqlens_q=self.cu_seqlens_q[:d + 1],
                          cu_seqlens_k=self.cu_seqlens_k[:d + 1], max_seqlen_q=1, context_lens=self.context_lens[:d],
                          block_tables=self.block_tables[:d], is_decode=True, has_cached_kv=True, num_decodes=0,
-                         prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None)
+                         prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None, decode_order=self.decode_order)
         prefill = replace(self, slot_mapping=self.slot_mapping[d:], cu_seqlens_q=self.prefill_cu_seqlens_q,
                           cu_seqlens_k=self.prefill_cu_seqlens_k, max_seqlen_q=self.prefill_max_seqlen_q,
                           context_lens=self.context_lens[d:], block_tables=self.block_tables[d:], is_decode=False,
                           has_cached_kv=self.prefill_has_cached_kv, num_decodes=0,
-                          prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None)
+                          prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None, decode_order=None)
         return decode, prefill

@@ -4,6 +4,7 @@ On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_IN
 when there is no GPU), so the CPU cases use small shapes; the `cuda` cases repeat the
 comparisons at Qwen3-0.6B shapes in bf16 and skip without a GPU.
 """
+import functools
 import zlib
 
 import pytest
@@ -155,6 +156,24 @@ def check_decode(k_lens: list[int], num_heads: int, num_kv_heads: int, head_dim:
 def test_decode(block_size, num_splits, num_heads, num_kv_heads, dtype):
     # 0: a padding row; 1 and 7: shorter than one tile; 100: more splits than 32-key tiles
     check_decode([70, 0, 1, 100, 7, 33], num_heads, num_kv_heads, 32, block_size, dtype, CPU, num_splits)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_order_changes_only_the_start_order(num_splits):
+    # the programs start in `order` (longest context first, or any permutation); each
+    # sequence's output is the same bits in its own row
+    k_lens = [70, 0, 1, 100, 7, 33]
+    batch = PagedBatch(k_lens, 16, 2, 32, torch.bfloat16, CPU)
+    q = torch.randn(len(k_lens), 4, 32, dtype=torch.bfloat16)
+    run = functools.partial(paged_decode_attention, q, batch.k_cache, batch.v_cache, batch.context_lens,
+                            batch.block_tables, 0.2, num_splits=num_splits)
+    plain = run()
+    longest_first = torch.argsort(batch.context_lens, descending=True, stable=True).to(torch.int32)
+    for order in (longest_first, torch.randperm(len(k_lens)).to(torch.int32)):
+        assert torch.equal(run(order=order), plain)
+    cu_q = torch.arange(len(k_lens) + 1, dtype=torch.int32)
+    assert_close(plain, paged_attention_ref(q, batch.k_cache, batch.v_cache, cu_q, batch.context_lens,
+                                            batch.block_tables, 0.2), torch.bfloat16)
 
 
 def test_choose_num_splits():

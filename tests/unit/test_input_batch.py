@@ -60,3 +60,31 @@ def test_block_tables_are_padded_with_minus_one():
         seq.block_table = table
     block_tables = _block_tables(seqs)
     assert block_tables.dtype == np.int32 and block_tables.tolist() == [[3, 1, -1], [-1, -1, -1], [7, 8, 9]]
+
+
+def test_decode_order_is_the_decode_rows_longest_context_first():
+    """The decode kernel starts its programs in `decode_order`: the decode rows (all rows of
+    a decode step, the leading ones of a mixed step) by context length, longest first,
+    ties in batch order; a step without decode rows has none."""
+    sched = make_scheduler(num_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=64)
+    for n in (5, 30, 16, 30, 3):
+        sched.add(request(n, max_tokens=6, ignore_eos=True))
+    kinds = set()
+    for _ in range(40):
+        batch = sched.schedule()
+        if not batch.seqs:
+            break
+        meta = build_step_inputs(batch, 16).meta
+        rows = len(batch) if meta.is_decode else meta.num_decodes
+        kinds.add((meta.is_decode, meta.num_decodes > 0))
+        if rows == 0:
+            assert meta.decode_order is None
+        else:
+            lens = meta.context_lens[:rows].tolist()
+            expected = sorted(range(rows), key=lambda i: (-lens[i], i))
+            assert meta.decode_order.dtype == torch.int32 and meta.decode_order.tolist() == expected
+            if meta.num_decodes:  # the mixed step's decode half carries it, its prefill half does not
+                decode, prefill = meta.split
+                assert decode.decode_order is meta.decode_order and prefill.decode_order is None
+        sched.on_output(batch, {seq.seq_id: TOKEN for seq in sched.on_launch(batch)})
+    assert {(True, False), (False, True), (False, False)} <= kinds, kinds

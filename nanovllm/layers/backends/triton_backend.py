@@ -44,7 +44,7 @@ class TritonBackend:
         if meta.is_decode:
             return paged_decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale,
                                           num_splits=self.num_decode_splits, max_context_len=self.max_model_len,
-                                          k_scale=k_scale, v_scale=v_scale)
+                                          k_scale=k_scale, v_scale=v_scale, order=meta.decode_order)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, meta.max_seqlen_q, scale, k_scale, v_scale)
 
