@@ -80,8 +80,7 @@ class PiecewiseGraphs:
             _into(self.hidden[:n], hidden)
             return
         layer = self.layers[i]
-        q, k, v, residual = layer.pre_attention(self.positions[:n], hidden, residual)
-        layer.self_attn.attn.store(k, v, self.slot_mapping[:n])
+        q, k, v, residual = layer.pre_attention(self.positions[:n], hidden, residual, self.slot_mapping[:n])
         for buffer, value in ((self.q, q), (self.k, k), (self.v, v), (self.residual, residual)):
             _into(buffer[:n], value)
 

@@ -1,4 +1,6 @@
-"""Paged attention layer: store this step's K/V in the cache, then attend through a backend."""
+"""Paged attention layer: a layer's KV cache, the store of a step's K/V rows into it, and
+attention over it through a backend. The model stores first (`store`, or a fused kernel
+writes the rows itself, see `half_precision_cache`), then calls `attend`."""
 import torch
 from torch import nn
 
@@ -22,14 +24,15 @@ class Attention(nn.Module):
         self.v_scale: torch.Tensor | None = None
         self.backend = None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        self.store(k, v, meta.slot_mapping)
-        return self.attend(q, k, v, meta)
-
     def store(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write this step's K/V rows into the cache (NOTE: slot -1 writes nothing)."""
         if self.k_cache.numel():
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping, self.k_scale, self.v_scale)
+
+    def half_precision_cache(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(k_cache, v_cache) when a fused kernel may write K/V rows into them as they are
+        (a cache that exists and is not fp8, which `store` quantizes); else None."""
+        return (self.k_cache, self.v_cache) if self.k_cache.numel() and self.k_scale is None else None
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                out: torch.Tensor | None = None) -> torch.Tensor:

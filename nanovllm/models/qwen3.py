@@ -40,27 +40,37 @@ class Qwen3Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor, slot_mapping: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
         """hidden [num_tokens, hidden_size] -> q [num_tokens, num_heads, head_dim], k and v
-        [num_tokens, num_kv_heads, head_dim]: normed (Qwen3) and rotated, ready for attention."""
+        [num_tokens, num_kv_heads, head_dim]: normed (Qwen3) and rotated, ready for attention,
+        k and v also stored in the KV cache at `slot_mapping`."""
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self._norm_and_rotate(positions, q, k)
+        q, k = self._norm_rotate_store(positions, q, k, v, slot_mapping)
         return q, k, v
 
-    def _norm_and_rotate(self, positions, q, k):
-        """Per-head q/k RMSNorm (Qwen3) then RoPE; on CUDA one fused kernel for both."""
+    def _norm_rotate_store(self, positions, q, k, v, slot_mapping):
+        """Per-head q/k RMSNorm (Qwen3), RoPE, then the K/V store; on CUDA one fused kernel
+        for all three (the store stays apart for an fp8 cache, which it quantizes)."""
         if fused_kernels_enabled(q):
             from nanovllm.kernels.rotary import qk_norm_rope
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
-            return qk_norm_rope(q, k, positions, self.rotary_emb.cos, self.rotary_emb.sin, *norms)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        return self.rotary_emb(positions, q, k)
+            cache = self.attn.half_precision_cache()
+            store = (v, *cache, slot_mapping) if cache else None
+            q, k = qk_norm_rope(q, k, positions, self.rotary_emb.cos, self.rotary_emb.sin, *norms, store=store)
+        else:
+            store = None
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
+        if store is None:
+            self.attn.store(k, v, slot_mapping)
+        return q, k
 
 
 class Qwen3MLP(nn.Module):
@@ -84,18 +94,18 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions, hidden, residual, meta: AttentionMetadata):
-        q, k, v, residual = self.pre_attention(positions, hidden, residual)
-        return self.post_attention(self.self_attn.attn(q, k, v, meta), residual)
+        q, k, v, residual = self.pre_attention(positions, hidden, residual, meta.slot_mapping)
+        return self.post_attention(self.self_attn.attn.attend(q, k, v, meta), residual)
 
     # The two halves around attention: the piecewise CUDA graphs of mixed steps capture
     # them and run attention, which depends on the step's sequences, eagerly in between.
-    def pre_attention(self, positions, hidden, residual):
-        """-> q, k, v (see Qwen3Attention.project) and the residual stream."""
+    def pre_attention(self, positions, hidden, residual, slot_mapping):
+        """-> q, k, v (see Qwen3Attention.project; K/V stored in the cache) and the residual stream."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        return *self.self_attn.project(positions, hidden), residual
+        return *self.self_attn.project(positions, hidden, slot_mapping), residual
 
     def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
         """attn_out [num_tokens, num_heads, head_dim] -> (MLP output, residual stream)."""

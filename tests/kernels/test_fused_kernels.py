@@ -8,6 +8,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
 
 from nanovllm.kernels.activation import silu_and_mul
+from nanovllm.kernels.kv_store import store_kv
 from nanovllm.kernels.rmsnorm import rmsnorm
 from nanovllm.kernels.rotary import qk_norm_rope
 from nanovllm.layers.layernorm import RMSNorm
@@ -71,6 +72,28 @@ def test_qk_norm_rope_matches_torch(device, dtype, qk_norm):
     oq, ok = qk_norm_rope(q, k, positions, rope.cos, rope.sin, q_w, k_w, 1e-6)
     torch.testing.assert_close(oq, eq, **TOL[dtype])
     torch.testing.assert_close(ok, ek, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device,dtype", CASES)
+def test_qk_norm_rope_stores_what_store_kv_stores(device, dtype):
+    # the fused store writes the returned (rotated) k and the given v where store_kv would,
+    # bit for bit, and nothing for slot -1
+    torch.manual_seed(4)
+    num_tokens, heads, kv_heads, head_dim, block_size = 6, 4, 2, 32, 4
+    rope = RotaryEmbedding(head_dim, 512, 10000.0).to(device)
+    qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))
+    positions = torch.randint(0, 512, (num_tokens,), device=device)
+    slots = torch.tensor([5, 0, -1, 11, 2, 7], device=device)
+    w = torch.randn(head_dim, device=device, dtype=dtype)
+    caches = [torch.randn(3, block_size, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    oq, ok = qk_norm_rope(q, k, positions, rope.cos, rope.sin, w, w, 1e-6, store=(v, *caches, slots))
+    store_kv(ok, v, *expected, slots)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    eq, ek = qk_norm_rope(q, k, positions, rope.cos, rope.sin, w, w, 1e-6)
+    assert torch.equal(oq, eq) and torch.equal(ok, ek)
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
