@@ -41,12 +41,13 @@ from nanovllm.kernels.fp8 import is_fp8, scale_strides
 DECODE_PROGRAMS_PER_SM = 2
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the sequences): larger batches launch in parts
 
 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    context_lens_ptr, block_tables_ptr, order_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits,
+    context_lens_ptr, block_tables_ptr, order_ptr, k_scale_ptr, v_scale_ptr, qk_scale, num_splits, first_rank,
     stride_qs, stride_qh, stride_os, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt, stride_sb, stride_ss,
     stride_ps, stride_ph, stride_pk, stride_ls, stride_lh,
@@ -58,10 +59,11 @@ def _decode_split_kernel(
     # query heads; a sequence's programs start together, in `order` when given
     kv_head = tl.program_id(0) // num_splits
     split = tl.program_id(0) % num_splits
+    rank = first_rank + tl.program_id(1)
     if ORDERED:
-        seq = tl.load(order_ptr + tl.program_id(1))
+        seq = tl.load(order_ptr + rank)
     else:
-        seq = tl.program_id(1)
+        seq = rank
     ctx = tl.load(context_lens_ptr + seq)
     # NOTE: splits are sized from ctx inside the kernel, so the grid (and a captured CUDA
     # graph) never depends on tensor contents; split starts stay multiples of BLOCK_N.
@@ -211,18 +213,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part_shape = (num_seqs, num_heads, 1 if direct else num_splits)
     part_out = torch.empty(*part_shape, head_dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(part_shape, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_kv_heads * num_splits, num_seqs)](
-        q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, order, k_scale, v_scale,
-        scale * LOG2E, num_splits,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_sb, stride_ss,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
-        DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct, FP8=is_fp8(k_cache.dtype),
-        ORDERED=order is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    for first in range(0, num_seqs, MAX_GRID_Y):
+        _decode_split_kernel[(num_kv_heads * num_splits, min(MAX_GRID_Y, num_seqs - first))](
+            q, k_cache, v_cache, out, part_out, part_lse, context_lens, block_tables, order, k_scale, v_scale,
+            scale * LOG2E, num_splits, first,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0), stride_sb, stride_ss,
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg.block_n,
+            DOT_PRECISION=dot_precision(q.dtype), UPCAST=not q.is_cuda, DIRECT=direct, FP8=is_fp8(k_cache.dtype),
+            ORDERED=order is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, num_splits,

@@ -176,6 +176,20 @@ def test_decode_order_changes_only_the_start_order(num_splits):
                                             batch.block_tables, 0.2), torch.bfloat16)
 
 
+def test_decode_batches_past_the_grid_limit_launch_in_parts(monkeypatch):
+    # CUDA caps a grid's second axis (the sequences) at 65,535: larger batches launch in parts
+    import nanovllm.kernels.paged_decode as paged_decode
+    k_lens = [70, 0, 1, 100, 7, 33]
+    batch = PagedBatch(k_lens, 16, 2, 32, torch.float32, CPU)
+    q = torch.randn(len(k_lens), 4, 32)
+    order = torch.argsort(batch.context_lens, descending=True, stable=True).to(torch.int32)
+    run = functools.partial(paged_decode_attention, q, batch.k_cache, batch.v_cache, batch.context_lens,
+                            batch.block_tables, 0.2, num_splits=2, order=order)
+    whole = run()
+    monkeypatch.setattr(paged_decode, "MAX_GRID_Y", 4)
+    assert torch.equal(run(), whole)
+
+
 def test_choose_num_splits():
     # split only while the batch leaves SMs idle; never below MIN_KEYS_PER_SPLIT keys a split
     assert choose_num_splits(num_seqs=256, num_kv_heads=8, max_context_len=4096, num_sms=132) == 1
