@@ -284,12 +284,14 @@ def put_pythonpath_first() -> None:
 
 
 def git_commit(path: str) -> str | None:
-    """HEAD of the git checkout whose top folder is `path`, else the COMMIT file there (a copy's label)."""
+    """HEAD of the git checkout whose top folder is `path` ("+changes" when its package differs from
+    HEAD, as in a copy whose git metadata is stale), else the COMMIT file there (a copy's label)."""
     def git(*cmd: str) -> str:
         return subprocess.run(["git", "-C", path, *cmd], capture_output=True, text=True, check=True).stdout.strip()
     try:
         if os.path.realpath(git("rev-parse", "--show-toplevel")) == os.path.realpath(path):
-            return git("rev-parse", "HEAD")
+            changed = git("status", "--porcelain", "--untracked-files=no", "--", "nanovllm")
+            return git("rev-parse", "HEAD") + ("+changes" if changed else "")
     except (OSError, subprocess.CalledProcessError):
         pass
     try:

@@ -143,3 +143,19 @@ def test_hf_baseline_runs_on_dummy_weights(tmp_path):
     assert runner.model.config.hidden_size == 32 and not any(p.is_meta for p in runner.model.parameters())
     workload = bench.Workload(bench.PROBE, [[1, 2, 3], [4, 5]], [3, 2])
     assert runner.prepare(workload)() == 5
+
+
+def test_a_changed_package_is_not_labelled_as_its_head(tmp_path):
+    # a copy whose git metadata is stale (as on the device machines) must not pass for HEAD
+    def git(*cmd):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *cmd],
+                       check=True, capture_output=True)
+    (tmp_path / "nanovllm").mkdir()
+    (tmp_path / "nanovllm" / "a.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    head = bench.git_commit(str(tmp_path))
+    assert head and "+" not in head
+    (tmp_path / "nanovllm" / "a.py").write_text("x = 2\n")
+    assert bench.git_commit(str(tmp_path)) == head + "+changes"
