@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
 from nanovllm import LLM  # noqa: E402
 from nanovllm.engine.kv_cache import kv_cache_dtype  # noqa: E402
+from profile_latency import kernel_table  # noqa: E402
 
 DECODE_BUCKETS = (1, 16, 64, 128, 256, 512, 1 << 30)   # upper bounds of the decode-row buckets
 
@@ -87,12 +88,12 @@ def report(steps, weight_bytes: int, kv_bytes: int, bandwidth: float) -> None:
     print(f"{'all':18s} {sum(r[0] for r in rows.values()):6d} {total:8.3f}")
 
 
+# GPU kernels on CUDA; on CPU the profiler records ops only (and the kernel table stays empty)
 ACTIVITY = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
-DEVICE_TYPE = torch.autograd.DeviceType.CUDA if torch.cuda.is_available() else torch.autograd.DeviceType.CPU
 
 
 def profile_kernels(llm: LLM, first: int, count: int):
-    """Wrap the engine's step in torch.profiler: kernel time of steps first+1..first+count (CPU: op time)."""
+    """Wrap the engine's step in torch.profiler: the kernels of steps first+1..first+count."""
     prof = torch.profiler.profile(activities=[ACTIVITY],
                                   schedule=torch.profiler.schedule(wait=first, warmup=1, active=count, repeat=1))
     step = llm.step
@@ -106,20 +107,12 @@ def profile_kernels(llm: LLM, first: int, count: int):
     return prof
 
 
-def self_us(event) -> float:
-    return event.self_device_time_total if DEVICE_TYPE == torch.autograd.DeviceType.CUDA else event.self_cpu_time_total
-
-
-def kernel_table(prof, steps: list, first: int, count: int) -> None:
-    events = [e for e in prof.key_averages() if e.device_type == DEVICE_TYPE]
-    total = sum(self_us(e) for e in events) / 1e3
+def window_kernel_table(prof, steps: list, first: int, count: int) -> None:
+    """profile_latency's kernel table of the window, labelled with its wall time and decode rows."""
     window = steps[first + 1:first + 1 + count]
-    wall = sum(s[0] for s in window) * 1e3
+    wall = sum(s[0] for s in window) * 1e3 / max(len(window), 1)
     rows = sum(s[2] for s in window) / max(len(window), 1)
-    print(f"steps {first + 1}-{first + count} (mean {rows:.0f} decode rows): GPU kernels {total / count:.3f} ms/step "
-          f"in {sum(e.count for e in events) / count:.0f} kernels; wall {wall / max(len(window), 1):.3f} ms/step")
-    for e in sorted(events, key=lambda e: -self_us(e))[:16]:
-        print(f"  {self_us(e) / count / 1e3:8.4f} ms/step {e.count / count:6.1f}/step  {e.key[:100]}")
+    kernel_table(prof, count, f"steps {first + 1}-{first + count}, mean {rows:.0f} decode rows, wall {wall:.3f} ms/step")
 
 
 def main() -> None:
@@ -150,7 +143,7 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     report(steps, weight_bytes, kv_bytes, ours.bandwidth * 1e12)
     if prof:
-        kernel_table(prof, steps, *window)
+        window_kernel_table(prof, steps, *window)
     llm.exit()
 
 
