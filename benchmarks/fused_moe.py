@@ -4,6 +4,7 @@ hidden 2048, 128 experts, top-8, moe_intermediate 768, bf16, one GPU. Decode rea
 weights of every expert some token picked, so the bound is bytes touched / bandwidth:
   touched  = distinct experts routed to x 3 x 768 x 2048 x 2 B (+ the router)
   TB/s     = touched / time;  x bound = time / (touched / 4.3 TB/s), the H200's sustained read
+Prefill-sized batches are bound by compute instead: TFLOP/s counts 6 * pairs * hidden * inter.
 `--layers` MoE layers with their own weights run back to back in one CUDA graph (as in the
 model: each layer's weights come from HBM, not L2), timed by replay (median of `--reps`).
 Before timing, the kernels are checked against the torch reference at every batch size on
@@ -29,12 +30,20 @@ SWEEP = [MoeTiles(16, 32, 128, 4, 4), MoeTiles(16, 64, 128, 4, 3), MoeTiles(16, 
          MoeTiles(32, 64, 128, 4, 3), MoeTiles(32, 128, 64, 4, 3), MoeTiles(64, 64, 128, 4, 3),
          MoeTiles(64, 128, 64, 8, 3), MoeTiles(64, 128, 128, 8, 3),
          MoeTiles(16, 64, 128, 4, 4), MoeTiles(32, 64, 128, 4, 4), MoeTiles(16, 64, 256, 4, 3),
-         MoeTiles(32, 64, 256, 4, 3), MoeTiles(32, 32, 128, 4, 4)]
+         MoeTiles(32, 64, 256, 4, 3), MoeTiles(32, 32, 128, 4, 4),
+         # prefill sizes (thousands of tokens: compute bound)
+         MoeTiles(128, 128, 64, 8, 3), MoeTiles(128, 128, 64, 8, 4), MoeTiles(128, 64, 64, 4, 4),
+         MoeTiles(64, 128, 64, 4, 4), MoeTiles(128, 256, 64, 8, 3)]
+# the down GEMM alone (N = hidden, K = moe_intermediate): block_m stays the table's
+DOWN_SWEEP = [MoeTiles(0, 64, 128, 4, 3), MoeTiles(0, 128, 128, 4, 3), MoeTiles(0, 128, 64, 4, 4),
+              MoeTiles(0, 64, 256, 4, 2), MoeTiles(0, 128, 256, 4, 2), MoeTiles(0, 256, 64, 8, 3),
+              MoeTiles(0, 64, 64, 4, 4), MoeTiles(0, 32, 128, 4, 4), MoeTiles(0, 128, 128, 8, 3),
+              MoeTiles(0, 256, 128, 8, 2)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256, 512])
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256, 512, 4096])
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--top-k", type=int, default=8)
@@ -42,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8, help="layers per graph (distinct weights: no L2 reuse)")
     p.add_argument("--reps", type=int, default=30, help="graph replays timed per row")
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP tile configs")
+    p.add_argument("--sweep-down", action="store_true",
+                   help="also time the DOWN_SWEEP tiles for the down GEMM (gate/up keeping the table's)")
     return p.parse_args(argv)
 
 
@@ -55,10 +66,10 @@ class Layer(torch.nn.Module):
         for p in self.parameters():  # std 0.02 (HF's init): router logits ~N(0, 0.8), a realistic spread
             p.data.normal_(0.0, 0.02)
 
-    def forward(self, x: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tiles: MoeTiles | None = None, down: MoeTiles | None = None) -> torch.Tensor:
         routing = select_experts(self.gate(x), self.experts.top_k, renormalize=True)
         return fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, routing.weights, routing.ids,
-                             tiles)
+                             tiles, down)
 
     def touched_bytes(self, x: torch.Tensor) -> int:
         ids = select_experts(self.gate(x), self.experts.top_k, renormalize=True).ids
@@ -91,11 +102,12 @@ def check(layer: Layer, num_tokens: int, args) -> float:
     return worst
 
 
-def time_graph(layers: list[Layer], x: torch.Tensor, tiles: MoeTiles | None, reps: int) -> float:
+def time_graph(layers: list[Layer], x: torch.Tensor, tiles: MoeTiles | None, reps: int,
+               down: MoeTiles | None = None) -> float:
     """Median seconds per layer, replaying all layers in one CUDA graph."""
     def run():
         for layer in layers:
-            layer(x, tiles)
+            layer(x, tiles, down)
     run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -142,13 +154,23 @@ def main(argv=None) -> int:
             best = min(timed, key=lambda r: r[0])
             for s, t in timed:
                 print(f"  sweep bs={bs:4d} {t}: {s * 1e6:8.1f} us")
+        if args.sweep_down:
+            for t in DOWN_SWEEP:
+                try:
+                    s = time_graph(layers, x, None, args.reps, down=t)
+                    print(f"  down sweep bs={bs:4d} (N, K, warps, stages) {tuple(t)[1:]}: {s * 1e6:8.1f} us "
+                          f"(table: {seconds * 1e6:.1f})")
+                except Exception as e:
+                    print(f"  down sweep bs={bs:4d} {tuple(t)[1:]}: skipped ({type(e).__name__})")
+                    torch.cuda.synchronize()
         rows.append((bs, touched, seconds, err, best))
     print(f"\n{'batch':>5} {'tiles (M,N,K,warps,stages)':>27} {'MiB touched':>11} {'us/layer':>9} {'TB/s':>6} "
-          f"{'x bound':>7} {'rel err':>8}" + (f" {'best sweep':>34}" if args.sweep else ""))
+          f"{'x bound':>7} {'TFLOP/s':>7} {'rel err':>8}" + (f" {'best sweep':>34}" if args.sweep else ""))
     for bs, touched, seconds, err, best in rows:
         bound = touched / (H200_TBPS * 1e12)
         line = (f"{bs:>5} {str(tuple(tiles_for(bs))):>27} {touched / 2**20:>11.1f} {seconds * 1e6:>9.1f} "
-                f"{touched / seconds / 1e12:>6.2f} {seconds / bound:>7.2f} {err:>8.1e}")
+                f"{touched / seconds / 1e12:>6.2f} {seconds / bound:>7.2f} "
+                f"{6 * bs * args.top_k * args.hidden * args.inter / seconds / 1e12:>7.0f} {err:>8.1e}")
         if best is not None:
             line += f" {str(tuple(best[1])):>24} {best[0] * 1e6:>8.1f}us"
         print(line)

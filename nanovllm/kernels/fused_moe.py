@@ -3,12 +3,12 @@
 0. `topk_softmax`: the router's softmax and top-k in one kernel.
 1. `align_by_expert`: the num_tokens * top_k (token, expert) pairs, grouped by expert and
    each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M rows share one
-   expert (count, scan, scatter: three small kernels). No host sync: sizes depend only on
-   num_tokens (at most num_pairs + min(E, num_pairs) * (BLOCK_M - 1) rows), so a CUDA graph
-   can capture it.
+   expert: one program at decode sizes, else count, scan, scatter (three kernels). No host
+   sync: sizes depend only on num_tokens (at most num_pairs + min(E, num_pairs) * (BLOCK_M - 1)
+   rows), so a CUDA graph can capture it.
 2. `_expert_gemm_kernel` (gated): per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
 3. `_expert_gemm_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
-4. A sum over each token's top_k rows.
+4. `_sum_topk_kernel`: each token's top_k rows summed in a fixed order (deterministic).
 Decode is bound by reading the touched experts' weights: BLOCK_M is chosen per batch-size
 bucket (`TILE_TABLE`) so that most experts fill one block and are read once.
 """
@@ -48,7 +48,8 @@ class ExpertBlocks(NamedTuple):
     block_experts: torch.Tensor  # [max_rows // BLOCK_M] int32: each block's expert; -1 = unused block
 
 
-PAIRS_PER_PROGRAM = 1024
+PAIRS_PER_PROGRAM = 1024   # the general path's count and scatter programs
+ONE_PROGRAM_PAIRS = 4096   # up to this many pairs (512 tokens at top-8), one program aligns them
 
 
 @triton.jit
@@ -103,15 +104,13 @@ def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blocks,
-                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program: each expert's first row (its run padded to BLOCK_M), each block's expert."""
-    experts = tl.arange(0, BLOCK_E)
-    ok = experts < num_experts
-    counts = tl.load(counts_ptr + experts, mask=ok, other=0)
+def _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num_blocks,
+                BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+    """From the counts per expert: each expert's first row (its run padded to BLOCK_M) into
+    `cursor_ptr`, and each block's expert (-1 past the last run) into `block_experts_ptr`."""
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, 0)
-    tl.store(cursor_ptr + experts, ends - padded, mask=ok)
+    tl.store(cursor_ptr + experts, ends - padded, mask=experts < num_experts)
     total = tl.sum(padded, 0)
     for first in range(0, num_blocks, BLOCK_B):
         blocks = first + tl.arange(0, BLOCK_B)
@@ -119,6 +118,14 @@ def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blo
         # the block's expert: how many runs end at or before its first row (empty runs included)
         owner = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), 1)
         tl.store(block_experts_ptr + blocks, tl.where(starts < total, owner, -1), mask=blocks < num_blocks)
+
+
+@triton.jit
+def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blocks,
+                 BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + experts, mask=experts < num_experts, other=0)
+    _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num_blocks, BLOCK_M, BLOCK_B)
 
 
 @triton.jit
@@ -130,21 +137,48 @@ def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, BLOCK: tl.cons
     tl.store(pair_ids_ptr + row, offs, mask=ok)
 
 
+@triton.jit
+def _align_one_program_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, block_experts_ptr, num_pairs, num_experts,
+                              num_rows, num_blocks, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr,
+                              BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Fill, count, scan and scatter in one program, for decode-sized batches (every pair in
+    registers): one launch where the general path needs two fills and three kernels."""
+    for first in range(0, num_rows, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)
+        tl.store(pair_ids_ptr + rows, num_pairs, mask=rows < num_rows)  # padding, overwritten below
+    pairs = tl.arange(0, BLOCK_P)
+    ok = pairs < num_pairs
+    ids = tl.load(ids_ptr + pairs, mask=ok, other=num_experts)  # past the end: bin num_experts, never placed
+    experts = tl.arange(0, BLOCK_E)
+    counts = tl.where(experts < num_experts, tl.histogram(ids, BLOCK_E), 0)
+    _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num_blocks, BLOCK_M, BLOCK_B)
+    tl.debug_barrier()  # the cursors and the padding are written before any thread places a pair
+    row = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+    tl.store(pair_ids_ptr + row, pairs, mask=ok)
+
+
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
     """Group the pairs of `topk_ids` [num_tokens, top_k] by expert, each expert's run padded
     to a multiple of `block_m` rows. No host sync: every size depends on shapes only."""
     num_pairs = topk_ids.numel()
     ids = topk_ids.flatten().to(torch.int32)
     max_rows = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     cursor = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
-    pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
     block_experts = torch.empty(max_rows // block_m, dtype=torch.int32, device=ids.device)
-    block_e = triton.next_power_of_2(num_experts)
+    block_b = max(16, 4096 // triton.next_power_of_2(num_experts))
+    if num_pairs <= ONE_PROGRAM_PAIRS:
+        pair_ids = torch.empty(max_rows, dtype=torch.int32, device=ids.device)
+        _align_one_program_kernel[(1,)](
+            ids, cursor, pair_ids, block_experts, num_pairs, num_experts, max_rows, len(block_experts),
+            BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(num_pairs),
+            BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=block_b, BLOCK_R=1024, num_warps=8)
+        return ExpertBlocks(pair_ids, block_experts)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
+    pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
     grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
     _count_kernel[grid](ids, counts, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
-                       BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e))
+                       BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=block_b)
     _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     return ExpertBlocks(pair_ids, block_experts)
 
@@ -199,21 +233,45 @@ def _expert_gemm(a, w, out, blocks: ExpertBlocks, weights, pairs_per_a_row: int,
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, tiles: MoeTiles | None = None) -> torch.Tensor:
+                  topk_ids: torch.Tensor, tiles: MoeTiles | None = None,
+                  down_tiles: MoeTiles | None = None) -> torch.Tensor:
     """x [num_tokens, hidden], gate_up [E, 2 * inter, hidden], down [E, hidden, inter],
     topk_weights (float32) / topk_ids [num_tokens, top_k] -> [num_tokens, hidden]:
-    sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t])."""
+    sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]). `down_tiles` (default `tiles`)
+    may differ from `tiles` in all but block_m, which the alignment fixes for both GEMMs."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, inter = down.shape[0], down.shape[2]
     if num_tokens == 0:
         return torch.zeros_like(x)
     tiles = tiles or tiles_for(num_tokens)
+    down_tiles = (down_tiles or tiles)._replace(block_m=tiles.block_m)
     blocks = align_by_expert(topk_ids, num_experts, tiles.block_m)
     num_pairs = num_tokens * top_k
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     h = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)       # silu(gate) * up per pair
     _expert_gemm(x, gate_up, h, blocks, topk_weights, top_k, gated=True, tiles=tiles)
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)    # weighted expert output per pair
-    _expert_gemm(h, down, out, blocks, topk_weights.float().contiguous(), 1, gated=False, tiles=tiles)
-    return out.view(num_tokens, top_k, hidden).sum(dim=1)
+    _expert_gemm(h, down, out, blocks, topk_weights.float().contiguous(), 1, gated=False, tiles=down_tiles)
+    return sum_topk(out.view(num_tokens, top_k, hidden))
+
+
+@triton.jit
+def _sum_topk_kernel(src_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = cols < hidden
+    src = src_ptr + tl.program_id(0).to(tl.int64) * TOP_K * hidden + cols
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):  # slot order, in float32: the same sum on every run
+        acc += tl.load(src + k * hidden, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0).to(tl.int64) * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_topk(pair_out: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, top_k, hidden] -> [num_tokens, hidden], summed in slot order in float32."""
+    num_tokens, top_k, hidden = pair_out.shape
+    out = torch.empty(num_tokens, hidden, dtype=pair_out.dtype, device=pair_out.device)
+    block_h = min(1024, triton.next_power_of_2(hidden))
+    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](pair_out, out, hidden, TOP_K=top_k,
+                                                                 BLOCK_H=block_h, num_warps=4)
+    return out

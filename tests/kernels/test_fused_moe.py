@@ -6,7 +6,8 @@ tiles, across batch sizes 1..512 and expert loads from spread out to all-on-one-
 import pytest
 import torch
 
-from nanovllm.kernels.fused_moe import MoeTiles, align_by_expert, fused_experts, topk_softmax
+from nanovllm.kernels import fused_moe as moe_kernels
+from nanovllm.kernels.fused_moe import MoeTiles, align_by_expert, fused_experts, sum_topk, topk_softmax
 from nanovllm.layers.fused_moe import (FusedMoE, Routing, fused_experts_reference, select_experts,
                                        select_experts_reference)
 
@@ -45,9 +46,17 @@ def test_topk_softmax_matches_reference(device, renormalize):
     torch.testing.assert_close(weights, expected.weights, atol=1e-6, rtol=1e-5)
 
 
+@pytest.fixture(params=["one-program", "count-scan-scatter"])
+def align_path(request, monkeypatch):
+    """Both alignment paths: the one-program kernel (decode sizes) and the general three kernels."""
+    if request.param == "count-scan-scatter":
+        monkeypatch.setattr(moe_kernels, "ONE_PROGRAM_PAIRS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("load", LOADS)
 @pytest.mark.parametrize("num_tokens", [1, 17, 40])
-def test_align_by_expert_covers_every_pair_once(num_tokens, load):
+def test_align_by_expert_covers_every_pair_once(num_tokens, load, align_path):
     routing = make_routing(num_tokens, 8, 2, load, "cpu")
     block_m = 16
     blocks = align_by_expert(routing.ids, 8, block_m)
@@ -68,13 +77,23 @@ def test_align_by_expert_covers_every_pair_once(num_tokens, load):
 
 @pytest.mark.parametrize("num_tokens,load", [(1, "random"), (40, "random"), (17, "all-on-one-expert"),
                                              (40, "few-experts-rest-empty")])
-def test_fused_experts_match_reference_interpreted(num_tokens, load):
+def test_fused_experts_match_reference_interpreted(num_tokens, load, align_path):
     # small tiles keep the interpreter quick; 17 and 40 tokens on one expert span several blocks
     gate_up, down = make_weights(8, 64, 32, torch.float32, "cpu")
     x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(2))
     routing = make_routing(num_tokens, 8, 2, load, "cpu")
     got = fused_experts(x, gate_up, down, routing.weights, routing.ids, MoeTiles(16, 32, 32, 4, 1))
     torch.testing.assert_close(got, fused_experts_reference(x, gate_up, down, routing), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("shape", [(1, 8, 64), (5, 3, 1500)])  # 1,500: a hidden size over one program's 1,024
+def test_sum_topk_adds_the_slots_in_order(device, shape):
+    pair_out = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(device)
+    expected = pair_out[:, 0].clone()
+    for k in range(1, shape[1]):
+        expected += pair_out[:, k]
+    assert torch.equal(sum_topk(pair_out), expected)
 
 
 # ---- CUDA, at Qwen3-30B-A3B's shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768)
