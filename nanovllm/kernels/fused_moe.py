@@ -27,15 +27,16 @@ class MoeTiles(NamedTuple):
     num_stages: int
 
 
-# (largest num_tokens, tiles). A starting point for the H200, to be measured by
-# benchmarks/fused_moe.py. Qwen3-30B-A3B routes num_tokens * 8 pairs over 128 experts: ~1 row
-# per touched expert at 16 tokens, 4 at 64, 16 at 256, 32 at 512, hence BLOCK_M 16/16/32/64.
+# (largest num_tokens, tiles), measured on the H200 with benchmarks/fused_moe.py --sweep (docs/moe.md).
+# Qwen3-30B-A3B routes num_tokens * 8 pairs over 128 experts: ~1 row per touched expert at 16
+# tokens, 4 at 64, 16 at 256, 32 at 512, so decode's BLOCK_M holds most experts in one block
+# (each expert's weights read once); prefill is compute bound and wants 128 x 128 tiles.
 TILE_TABLE: tuple[tuple[int, MoeTiles], ...] = (
     (16, MoeTiles(16, 32, 128, 4, 4)),
     (64, MoeTiles(16, 64, 128, 4, 3)),
     (256, MoeTiles(32, 64, 128, 4, 3)),
-    (512, MoeTiles(64, 64, 128, 4, 3)),
-    (1 << 62, MoeTiles(64, 128, 64, 8, 3)),   # prefill: compute bound, larger tiles
+    (2048, MoeTiles(64, 128, 64, 4, 4)),
+    (1 << 62, MoeTiles(128, 128, 64, 8, 3)),
 )
 
 
@@ -100,7 +101,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
 def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_pairs
-    tl.atomic_add(counts_ptr + tl.load(ids_ptr + offs, mask=ok, other=0), 1, mask=ok)
+    tl.atomic_add(counts_ptr + tl.load(ids_ptr + offs, mask=ok, other=0), 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -109,15 +110,15 @@ def _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num
     """From the counts per expert: each expert's first row (its run padded to BLOCK_M) into
     `cursor_ptr`, and each block's expert (-1 past the last run) into `block_experts_ptr`."""
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, 0)
-    tl.store(cursor_ptr + experts, ends - padded, mask=experts < num_experts)
-    total = tl.sum(padded, 0)
-    for first in range(0, num_blocks, BLOCK_B):
+    starts = tl.cumsum(padded, 0) - padded
+    tl.store(cursor_ptr + experts, starts, mask=experts < num_experts)
+    # each run's blocks get its expert: a pass per block of the longest run (usually one or two)
+    first_block, run_blocks = starts // BLOCK_M, padded // BLOCK_M
+    for j in range(0, tl.max(run_blocks, 0)):
+        tl.store(block_experts_ptr + first_block + j, experts, mask=j < run_blocks)
+    for first in range(tl.sum(run_blocks, 0), num_blocks, BLOCK_B):  # the unused tail: -1
         blocks = first + tl.arange(0, BLOCK_B)
-        starts = blocks * BLOCK_M
-        # the block's expert: how many runs end at or before its first row (empty runs included)
-        owner = tl.sum((ends[None, :] <= starts[:, None]).to(tl.int32), 1)
-        tl.store(block_experts_ptr + blocks, tl.where(starts < total, owner, -1), mask=blocks < num_blocks)
+        tl.store(block_experts_ptr + blocks, -1, mask=blocks < num_blocks)
 
 
 @triton.jit
@@ -133,7 +134,8 @@ def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, BLOCK: tl.cons
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < num_pairs
     expert = tl.load(ids_ptr + offs, mask=ok, other=0)
-    row = tl.atomic_add(cursor_ptr + expert, 1, mask=ok)  # NOTE: any order within an expert: rows are independent
+    # NOTE: any order within an expert (rows are independent), so relaxed: no fence per atomic
+    row = tl.atomic_add(cursor_ptr + expert, 1, mask=ok, sem="relaxed")
     tl.store(pair_ids_ptr + row, offs, mask=ok)
 
 
@@ -153,7 +155,7 @@ def _align_one_program_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, block_experts_p
     counts = tl.where(experts < num_experts, tl.histogram(ids, BLOCK_E), 0)
     _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num_blocks, BLOCK_M, BLOCK_B)
     tl.debug_barrier()  # the cursors and the padding are written before any thread places a pair
-    row = tl.atomic_add(cursor_ptr + ids, 1, mask=ok)
+    row = tl.atomic_add(cursor_ptr + ids, 1, mask=ok, sem="relaxed")
     tl.store(pair_ids_ptr + row, pairs, mask=ok)
 
 
@@ -165,20 +167,19 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     max_rows = triton.cdiv(num_pairs + min(num_experts, num_pairs) * (block_m - 1), block_m) * block_m
     cursor = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
     block_experts = torch.empty(max_rows // block_m, dtype=torch.int32, device=ids.device)
-    block_b = max(16, 4096 // triton.next_power_of_2(num_experts))
     if num_pairs <= ONE_PROGRAM_PAIRS:
         pair_ids = torch.empty(max_rows, dtype=torch.int32, device=ids.device)
         _align_one_program_kernel[(1,)](
             ids, cursor, pair_ids, block_experts, num_pairs, num_experts, max_rows, len(block_experts),
             BLOCK_M=block_m, BLOCK_P=triton.next_power_of_2(num_pairs),
-            BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=block_b, BLOCK_R=1024, num_warps=8)
+            BLOCK_E=triton.next_power_of_2(num_experts + 1), BLOCK_B=1024, BLOCK_R=1024, num_warps=8)
         return ExpertBlocks(pair_ids, block_experts)
     counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
     grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
     _count_kernel[grid](ids, counts, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
-                       BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=block_b)
+                       BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=1024)
     _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
     return ExpertBlocks(pair_ids, block_experts)
 
