@@ -226,11 +226,14 @@ def _expert_gemm(a, w, out, blocks: ExpertBlocks, weights, pairs_per_a_row: int,
     n_size, k_size = out.shape[1], a.shape[1]
     # float32 inputs: full-precision dots (tl.dot would use TF32); bf16/fp16 ignore this
     precision = "ieee" if a.dtype == torch.float32 else "tf32"
+    # NOTE: the table's stages are sized for 2-byte inputs; float32 tiles take twice the shared
+    # memory ((64, 128, 64) at 4 stages: 240 KiB, over the H100/H200's 227), so at most 3
+    stages = tiles.num_stages if a.element_size() <= 2 else min(tiles.num_stages, 3)
     _expert_gemm_kernel[(blocks.block_experts.numel(), triton.cdiv(n_size, tiles.block_n))](
         a, w, out, blocks.pair_ids, blocks.block_experts, weights, out.shape[0], pairs_per_a_row, n_size, k_size,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=precision, num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages)
+        num_stages=stages)
 
 
 def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_weights: torch.Tensor,
