@@ -10,8 +10,9 @@ model: each layer's weights come from HBM, not L2), timed by replay (median of `
 Before timing, the kernels are checked against the torch reference at every batch size on
 random routing and on crafted loads (all tokens on one expert; 8 experts busy, 120 empty).
 
-Usage (GPU machine, < 2 min): python benchmarks/fused_moe.py [--batches 1 16 64 256 512]
+Usage (GPU machine, < 2 min): python benchmarks/fused_moe.py [--batches 1 16 64 256 512 4096]
   --sweep: also time a few other tile configs per batch size (adds ~1 min) and print the best.
+  --sweep-down: also time other tiles for the down GEMM alone (block_m stays the table's).
 """
 import argparse
 import statistics
