@@ -126,6 +126,20 @@ def time_graph(layers: list[Layer], x: torch.Tensor, tiles: MoeTiles | None, rep
     return statistics.median(times) / len(layers)
 
 
+def time_each(layers: list[Layer], x: torch.Tensor, configs: list[MoeTiles], reps: int, label: str,
+              down: bool = False) -> list[tuple[float, MoeTiles]]:
+    """(seconds per layer, tiles) of each config (for both GEMMs, or with `down` for the down
+    GEMM alone); one the GPU cannot run is reported and left out."""
+    timed = []
+    for t in configs:
+        try:
+            timed.append((time_graph(layers, x, None if down else t, reps, down=t if down else None), t))
+        except Exception as e:  # e.g. a tile that needs more shared memory than the GPU has
+            print(f"  {label} {t}: skipped ({type(e).__name__})")
+            torch.cuda.synchronize()
+    return timed
+
+
 @torch.inference_mode()
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -145,25 +159,14 @@ def main(argv=None) -> int:
         seconds = time_graph(layers, x, None, args.reps)
         best = None
         if args.sweep:
-            timed = []
-            for t in SWEEP:
-                try:
-                    timed.append((time_graph(layers, x, t, args.reps), t))
-                except Exception as e:  # e.g. a tile that needs more shared memory than the GPU has
-                    print(f"  sweep bs={bs:4d} {t}: skipped ({type(e).__name__})")
-                    torch.cuda.synchronize()
+            timed = time_each(layers, x, SWEEP, args.reps, f"sweep bs={bs:4d}")
             best = min(timed, key=lambda r: r[0])
             for s, t in timed:
                 print(f"  sweep bs={bs:4d} {t}: {s * 1e6:8.1f} us")
         if args.sweep_down:
-            for t in DOWN_SWEEP:
-                try:
-                    s = time_graph(layers, x, None, args.reps, down=t)
-                    print(f"  down sweep bs={bs:4d} (N, K, warps, stages) {tuple(t)[1:]}: {s * 1e6:8.1f} us "
-                          f"(table: {seconds * 1e6:.1f})")
-                except Exception as e:
-                    print(f"  down sweep bs={bs:4d} {tuple(t)[1:]}: skipped ({type(e).__name__})")
-                    torch.cuda.synchronize()
+            for s, t in time_each(layers, x, DOWN_SWEEP, args.reps, f"down sweep bs={bs:4d}", down=True):
+                print(f"  down sweep bs={bs:4d} (N, K, warps, stages) {tuple(t)[1:]}: {s * 1e6:8.1f} us "
+                      f"(table: {seconds * 1e6:.1f})")
         rows.append((bs, touched, seconds, err, best))
     print(f"\n{'batch':>5} {'tiles (M,N,K,warps,stages)':>27} {'MiB touched':>11} {'us/layer':>9} {'TB/s':>6} "
           f"{'x bound':>7} {'TFLOP/s':>7} {'rel err':>8}" + (f" {'best sweep':>34}" if args.sweep else ""))
