@@ -36,9 +36,11 @@ from nanovllm.kernels.fp8 import is_fp8, scale_strides
 # Decode splits: split a sequence's keys only while num_seqs * num_kv_heads programs are
 # fewer than DECODE_PROGRAMS_PER_SM per SM, give each split at least MIN_KEYS_PER_SPLIT keys,
 # and never more than MAX_SPLITS (the reduction loads all of a head's splits as one block).
-# Measured on an H100 (Qwen3-0.6B heads, context 1024-2048): 1 split from 32 sequences up,
-# 2 at 16, 4 at 8, 16-32 at 1; more splits than that only add reduction work.
-DECODE_PROGRAMS_PER_SM = 2
+# Measured on an H100 (Qwen3-0.6B heads; `benchmarks/attention_kernels.py --sweep-splits`,
+# docs/benchmarks.md): at mixed context lengths (100-2,048) 16 and 32 sequences ran 10-16 %
+# faster at 4 and 2 splits than at 2 and 1, where uniform lengths lose 0-3 %; from 64
+# sequences up 1 split is best at any lengths. 4 programs per SM gives exactly that.
+DECODE_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second axis (the sequences): larger batches launch in parts

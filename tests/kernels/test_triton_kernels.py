@@ -193,7 +193,9 @@ def test_decode_batches_past_the_grid_limit_launch_in_parts(monkeypatch):
 def test_choose_num_splits():
     # split only while the batch leaves SMs idle; never below MIN_KEYS_PER_SPLIT keys a split
     assert choose_num_splits(num_seqs=256, num_kv_heads=8, max_context_len=4096, num_sms=132) == 1
-    assert choose_num_splits(num_seqs=16, num_kv_heads=8, max_context_len=4096, num_sms=132) == 2
+    assert choose_num_splits(num_seqs=64, num_kv_heads=8, max_context_len=4096, num_sms=132) == 1
+    assert choose_num_splits(num_seqs=32, num_kv_heads=8, max_context_len=4096, num_sms=132) == 2
+    assert choose_num_splits(num_seqs=16, num_kv_heads=8, max_context_len=4096, num_sms=132) == 4
     assert choose_num_splits(num_seqs=1, num_kv_heads=8, max_context_len=4096, num_sms=132) == 32
     assert choose_num_splits(num_seqs=1, num_kv_heads=8, max_context_len=256, num_sms=132) == 2
 
