@@ -37,8 +37,8 @@ from nanovllm.kernels.fp8 import is_fp8, scale_strides
 # fewer than DECODE_PROGRAMS_PER_SM per SM, give each split at least MIN_KEYS_PER_SPLIT keys,
 # and never more than MAX_SPLITS (the reduction loads all of a head's splits as one block).
 # Measured on an H100 (Qwen3-0.6B heads; `benchmarks/attention_kernels.py --sweep-splits`,
-# docs/benchmarks.md): at mixed context lengths (100-2,048) 16 and 32 sequences ran 10-16 %
-# faster at 4 and 2 splits than at 2 and 1, where uniform lengths lose 0-3 %; from 64
+# docs/benchmarks.md): at mixed context lengths (100-2,048) 16 and 32 sequences ran 10 and
+# 13 % faster at 4 and 2 splits than at 2 and 1, where uniform lengths lose 2-3 %; from 64
 # sequences up 1 split is best at any lengths. 4 programs per SM gives exactly that.
 DECODE_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 128
