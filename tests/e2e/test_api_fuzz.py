@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from nanovllm import LLM, SamplingParams
@@ -238,10 +238,17 @@ def probe_expected(llm):
     return llm.generate(*PROBE, use_tqdm=False)[0]["token_ids"]
 
 
+def is_one_prompt(prompts) -> bool:
+    """A string, or a non-empty list of int token ids (bools are not ids), is one prompt; any
+    other list is a list of prompts, each checked by itself."""
+    return isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                                        and all(type(t) is int for t in prompts))
+
+
 def first_bad_request(llm: LLM, prompts, sampling_params) -> tuple[type, str] | None:
     """The documented oracle: the error `generate` must raise for the first bad request
     (its type and the request it must name), or None if each request is fine by itself."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    if is_one_prompt(prompts):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
         return TypeError, "prompts"
@@ -274,7 +281,7 @@ def first_bad_request(llm: LLM, prompts, sampling_params) -> tuple[type, str] | 
 
 
 def check_outputs(outs: list[dict], prompts, sampling_params) -> None:
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    if is_one_prompt(prompts):
         prompts = [prompts]
     assert len(outs) == len(prompts)
     if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -291,6 +298,8 @@ def check_outputs(outs: list[dict], prompts, sampling_params) -> None:
 @settings(max_examples=fuzz_examples(50), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(args=generate_args())
+# a bool is an int to Python but not a token id: two prompts here, one sampling param (CI found it)
+@example(args=([False, []], [SamplingParams(temperature=0.5, max_tokens=4)]))
 def test_generate_fuzz(llm, probe_expected, args):
     prompts, sampling_params = args
     expected_error = first_bad_request(llm, prompts, sampling_params)
