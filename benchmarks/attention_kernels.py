@@ -6,7 +6,8 @@ is checked against the torch reference (rel. error ||out - ref|| / ||ref||) befo
 timed with triton.testing.do_bench (median; it flushes L2 between runs).
 
   decode:  one query per sequence over `--context` cached keys, batch 1 / 64 / 256;
-           GB/s = bytes of K and V read / time
+           GB/s = bytes of K and V each sequence attends to / time (with --share, more than
+           the kernel reads: a unit reads its shared keys once)
   prefill: `--prompt-len`-token fresh prompts, causal, KV read from the paged cache
   "fp8 KV" rows read the same K/V quantized to e4m3 with per-token scales (kv_cache_dtype
   "fp8"; their bytes include the scales), checked against the reference on that cache.
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-heads", type=int, default=16)
     p.add_argument("--num-kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--share", type=int, default=1, help="decode sequences in groups of this many hold the "
+                   "same first --shared-len keys (n samples of one prompt); times units against every row alone")
+    p.add_argument("--shared-len", type=int, default=512, help="keys each group shares (whole blocks)")
     p.add_argument("--sweep-splits", action="store_true", help="also time decode at fixed split counts")
     p.add_argument("--tune", action="store_true", help="also time other tile/warp/stage configs")
     p.add_argument("--no-flash", action="store_true", help="skip flash-attn even if installed")
@@ -57,7 +61,8 @@ def load_flash(disabled: bool):
 class PagedKV:
     """Random K/V for `num_seqs` sequences of `k_len` keys in randomly permuted cache blocks."""
 
-    def __init__(self, num_seqs: int, k_len: int, args: argparse.Namespace, k_min: int | None = None):
+    def __init__(self, num_seqs: int, k_len: int, args: argparse.Namespace, k_min: int | None = None,
+                 share: int = 1):
         blocks_per_seq = math.ceil(k_len / args.block_size)
         num_blocks = num_seqs * blocks_per_seq
         shape = (num_blocks, args.block_size, args.num_kv_heads, args.head_dim)
@@ -69,6 +74,12 @@ class PagedKV:
             self.context_lens = torch.full((num_seqs,), k_len, dtype=torch.int32, device="cuda")
         else:
             self.context_lens = torch.randint(k_min, k_len + 1, (num_seqs,), dtype=torch.int32, device="cuda")
+        if share > 1:  # each group's members hold its first member's first blocks
+            shared_blocks = args.shared_len // args.block_size
+            if not 0 < shared_blocks * args.block_size < int(self.context_lens.min()):
+                raise SystemExit(f"--shared-len {args.shared_len}: share whole blocks, fewer than every context")
+            first = torch.arange(num_seqs, device="cuda") // share * share
+            self.block_tables[:, :shared_blocks] = self.block_tables[first, :shared_blocks]
         keys = int(self.context_lens.sum())
         self.kv_bytes = 2 * keys * args.num_kv_heads * args.head_dim * 2  # K and V, bf16
 
@@ -125,25 +136,34 @@ def check(name: str, out: torch.Tensor, ref: torch.Tensor, max_err: float = 2e-2
 
 # ----------------------------------------------------------------------------- decode
 def decode_rows(batch: int, args: argparse.Namespace, flash) -> list[tuple]:
+    from nanovllm.engine.input_batch import decode_units
     from nanovllm.kernels.paged_decode import paged_decode_attention
     from nanovllm.layers.backends.torch_ref import paged_attention_ref
+    from nanovllm.utils.context import decode_unit_size
 
-    kv = PagedKV(batch, args.context, args, args.context_min)
+    kv = PagedKV(batch, args.context, args, args.context_min, args.share)
     q = torch.randn(batch, args.num_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
     scale = args.head_dim ** -0.5
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     ref = paged_attention_ref(q, kv.k_cache, kv.v_cache, cu_q, kv.context_lens, kv.block_tables, scale)
 
-    # "longest first": the programs start in order of context length (the engine's order)
-    longest_first = torch.argsort(kv.context_lens, descending=True, stable=True).to(torch.int32)
-    variants = {"triton (auto splits)": (None, None), "triton longest first": (None, longest_first)}
+    # "longest first": every row alone, started by context length; "units": the engine's
+    # grouping of rows that share leading blocks (the same as alone when none do)
+    tables, lens = kv.block_tables.cpu().numpy(), kv.context_lens.cpu().numpy()
+    alone = [t.cuda() for t in decode_units(tables, lens, args.block_size, 1)]
+    units = [t.cuda() for t in decode_units(tables, lens, args.block_size,
+                                            decode_unit_size(args.num_heads, args.num_kv_heads))]
+    variants = {"triton (auto splits)": (None, (None, None)), "triton longest first": (None, alone)}
+    if args.share > 1:
+        variants[f"triton units of {args.share} sharing {args.shared_len}"] = (None, units)
     if args.sweep_splits:
         for s in (1, 2, 4, 8, 16, 32):
-            variants.update({f"triton splits={s}": (s, None), f"triton splits={s} longest first": (s, longest_first)})
+            variants.update({f"triton splits={s}": (s, (None, None)), f"triton splits={s} longest first": (s, alone)})
     rows = []
-    for name, (splits, order) in variants.items():
+    for name, (splits, (unit_table, shared_lens)) in variants.items():
         fn = lambda: paged_decode_attention(q, kv.k_cache, kv.v_cache, kv.context_lens,  # noqa: E731
-                                            kv.block_tables, scale, num_splits=splits, order=order)
+                                            kv.block_tables, scale, num_splits=splits, units=unit_table,
+                                            shared_lens=shared_lens)
         err = check(name, fn(), ref)
         rows.append(("decode", batch, name, bench_ms(fn, args.rep_ms, graph=True), err, kv.kv_bytes))
     fp8, fp8_bytes = kv.fp8()

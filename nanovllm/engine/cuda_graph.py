@@ -21,7 +21,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_model_len: int, block_size: int,
-                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 hidden_size: int, dtype: torch.dtype, device: torch.device, unit_size: int = 1):
         self.model = model
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_bs = self.sizes[-1]
@@ -35,7 +35,11 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.decode_order = torch.arange(n, dtype=torch.int32, device=device)
+        # every row alone in its unit: what padding rows get (each writes its zeros)
+        self.lone_units = torch.full((n, unit_size), -1, dtype=torch.int32, device=device)
+        self.lone_units[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
+        self.decode_units = self.lone_units.clone()
+        self.decode_shared_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -46,7 +50,7 @@ class DecodeGraphs:
             cu_seqlens_k=self.cu_seqlens[:bs + 1], max_seqlen_q=1, max_seqlen_k=self.max_model_len,
             context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
             logits_indices=self.cu_seqlens[:bs].long(), is_decode=True, has_cached_kv=True,
-            decode_order=self.decode_order[:bs])
+            decode_units=self.decode_units[:bs], decode_shared_lens=self.decode_shared_lens[:bs])
 
     @torch.inference_mode()
     def capture(self, pool=None) -> None:
@@ -76,11 +80,13 @@ class DecodeGraphs:
         self.positions[:bs] = inputs.positions
         self.slot_mapping[:bs] = meta.slot_mapping
         self.context_lens[:bs] = meta.context_lens
-        self.decode_order[:bs] = meta.decode_order
-        if graph_bs > bs:
+        self.decode_units[:bs] = meta.decode_units
+        self.decode_shared_lens[:bs] = meta.decode_shared_lens
+        if graph_bs > bs:  # the padding rows, alone in the unit slots after the batch's
             self.slot_mapping[bs:graph_bs] = -1
             self.context_lens[bs:graph_bs] = 0
-            self.decode_order[bs:graph_bs] = self.cu_seqlens[bs:graph_bs]  # the padding rows, last
+            self.decode_units[bs:graph_bs] = self.lone_units[bs:graph_bs]
+            self.decode_shared_lens[bs:graph_bs] = 0
         # NOTE: entries past a sequence's blocks (-1, or stale from an earlier step) are never
         # read: its context length bounds the reads (one copy per step, no clearing)
         self.block_tables[:bs, :meta.block_tables.shape[1]] = meta.block_tables

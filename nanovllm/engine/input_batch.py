@@ -70,14 +70,15 @@ def _map_tensors(obj, fn):
 
 
 def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: frozenset[int] = frozenset(),
-                      prev_rows: dict[int, int] | None = None) -> StepInputs:
+                      prev_rows: dict[int, int] | None = None, unit_size: int = 1) -> StepInputs:
     """Host tensors for one step (`.to(device)` moves them). Sequence i contributes its
     tokens [num_computed, num_computed + n_i): queries at those positions, keys
     0 .. num_computed + n_i - 1 (the new ones stored first).
 
     A decode whose input token is still pending (sampled by the previous step, see
     `Sequence.num_pending_tokens`) reads it on the device: `prev_rows` maps seq_id to
-    its row in the previous step's sampled ids."""
+    its row in the previous step's sampled ids. unit_size: the most decode rows that may
+    share one read of their common prefix (`decode_unit_size`; 1: none share)."""
     seqs = batch.seqs
     num_seqs = len(seqs)
     counts = np.asarray(batch.num_scheduled_tokens, dtype=np.int64)
@@ -108,9 +109,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
     num_decodes = int(np.argmax(counts != 1)) if (counts != 1).any() else 0
     is_decode = bool((counts == 1).all())
     decode_rows = num_seqs if is_decode else num_decodes
-    # longest context first (stable: ties keep batch order, so the order is deterministic)
-    decode_order = torch.from_numpy(np.argsort(-context_lens[:decode_rows], kind="stable").astype(np.int32)) \
-        if decode_rows else None
+    units = decode_units(block_tables[:decode_rows], context_lens[:decode_rows], block_size, unit_size) \
+        if decode_rows else (None, None)
     prefill = {}
     if num_decodes:
         d = num_decodes
@@ -128,7 +128,8 @@ def build_step_inputs(batch: ScheduledBatch, block_size: int, eos_token_ids: fro
         logits_indices=torch.from_numpy(logits_indices),
         is_decode=is_decode,
         has_cached_kv=bool((starts > 0).any()),
-        decode_order=decode_order,
+        decode_units=units[0],
+        decode_shared_lens=units[1],
         **prefill,
     )
     deferred = (torch.from_numpy(np.asarray(deferred_index, dtype=np.int64)),
@@ -176,3 +177,44 @@ def _block_tables(seqs: list[Sequence]) -> np.ndarray:
     block_tables[in_table] = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32,
                                          count=int(lengths.sum()))
     return block_tables
+
+
+def decode_units(block_tables: np.ndarray, context_lens: np.ndarray, block_size: int, unit_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group the decode rows into units of up to unit_size rows that hold the same leading
+    blocks (see `AttentionMetadata.decode_units`): ([rows, unit_size] int32 units, -1 padded,
+    longest work first; [rows] int32 keys each unit shares)."""
+    rows = len(context_lens)
+    units = np.full((rows, max(unit_size, 1)), -1, dtype=np.int32)
+    shared_lens = np.zeros(rows, dtype=np.int32)
+    # a row may share its blocks before the one holding its newest key (that one is its own)
+    shareable = (context_lens.astype(np.int64) - 1) // block_size
+    firsts = np.sort(block_tables[shareable > 0, 0])
+    if unit_size < 2 or not (firsts[1:] == firsts[:-1]).any():  # no two rows share a block: each alone
+        units[:, 0] = np.argsort(-context_lens, kind="stable")  # longest first; ties in batch order
+        return torch.from_numpy(units), torch.from_numpy(shared_lens)
+    order = np.lexsort(block_tables[:, ::-1].T)  # sorted by table: equal leading blocks side by side
+    tables, limit = block_tables[order], shareable[order]
+    same = (tables[1:] == tables[:-1]) & (np.arange(tables.shape[1]) < np.minimum(limit[1:], limit[:-1])[:, None])
+    # links[k]: leading blocks sorted row k shares with row k - 1 (the first row: none)
+    links = np.zeros(rows, dtype=np.int64)
+    links[1:] = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
+    # runs of sorted rows linked by shared blocks, cut into units of unit_size; a unit shares
+    # the fewest blocks of its links
+    new_run = links == 0
+    run_of = np.cumsum(new_run) - 1
+    unit_start = (np.arange(rows) - np.flatnonzero(new_run)[run_of]) % unit_size == 0
+    starts = np.flatnonzero(unit_start)
+    unit_of = np.cumsum(unit_start) - 1
+    links[unit_start] = np.iinfo(np.int64).max
+    shared = np.minimum.reduceat(links, starts)
+    sizes = np.diff(starts, append=rows)
+    shared[sizes == 1] = 0
+    shared *= block_size
+    # keys a unit's programs read: the shared ones once, then each member's own
+    work = np.bincount(unit_of, weights=context_lens[order], minlength=len(starts)) - (sizes - 1) * shared
+    slot = np.empty(len(starts), dtype=np.int64)  # longest work first (stable: deterministic)
+    slot[np.argsort(-work, kind="stable")] = np.arange(len(starts))
+    units[slot[unit_of], np.arange(rows) - starts[unit_of]] = order
+    shared_lens[slot] = shared
+    return torch.from_numpy(units), torch.from_numpy(shared_lens)

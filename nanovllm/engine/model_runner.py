@@ -16,7 +16,7 @@ from nanovllm.layers.backends import make_backend, resolve_backend
 from nanovllm.layers.grammar_mask import GrammarMask
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models import build_model
-from nanovllm.utils.context import AttentionMetadata
+from nanovllm.utils.context import AttentionMetadata, decode_unit_size
 from nanovllm.utils.loader import load_model
 from nanovllm.utils.parallel import in_tp_group, tp_size
 
@@ -149,8 +149,10 @@ class ModelRunner:
         """Whole-model graphs for decode steps, piecewise ones for steps with prefill chunks."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return None, None
+        m = self.model_config
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.max_model_len, self.block_size,
-                              self.model_config.hidden_size, self.dtype, self.device)
+                              m.hidden_size, self.dtype, self.device,
+                              decode_unit_size(m.num_attention_heads, m.num_key_value_heads))
         pieces = PiecewiseGraphs(self.model, min(self.config.max_num_batched_tokens, PIECEWISE_MAX_TOKENS),
                                  self.dtype, self.device)
         graphs.capture(pieces.capture())

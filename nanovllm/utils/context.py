@@ -12,6 +12,16 @@ from functools import cached_property
 import torch
 
 
+# Rows of the decode kernel's query tile: (sequence, query head) pairs of one KV head.
+DECODE_TILE_ROWS = 16
+
+
+def decode_unit_size(num_heads: int, num_kv_heads: int) -> int:
+    """Most decode rows in one unit: as many as fill the decode kernel's query tile with
+    their query heads of one KV head (8 for Qwen3-0.6B's 2 query heads per KV head)."""
+    return max(1, DECODE_TILE_ROWS // (num_heads // num_kv_heads))
+
+
 @dataclass(frozen=True)
 class AttentionMetadata:
     # [num_tokens] int64: flat cache slot (block_id * block_size + offset) for each
@@ -47,10 +57,14 @@ class AttentionMetadata:
     prefill_cu_seqlens_k: torch.Tensor | None = None
     prefill_max_seqlen_q: int = 0
     prefill_has_cached_kv: bool = False
-    # [num_decodes, or num_seqs in a decode step] int32: the decode rows by context length,
-    # longest first. The decode kernel starts their programs in this order, so the short
-    # ones, not a long one started last, end the step. None: batch order.
-    decode_order: torch.Tensor | None = None
+    # Decode units: [num_decodes, or num_seqs in a decode step, unit size] int32. Each row
+    # lists up to unit-size decode rows that share their first decode_shared_lens[u] keys
+    # (whole blocks: n > 1 samples of one prompt, prompts with a common cached prefix); the
+    # decode kernel reads those keys once for the whole unit. Units are listed longest work
+    # first, so the short ones, not a long one started last, end the step; -1 pads a unit,
+    # and the rows past the last unit. None: every row alone, in batch order.
+    decode_units: torch.Tensor | None = None
+    decode_shared_lens: torch.Tensor | None = None   # [same rows] int32: keys a unit shares
 
     @property
     def num_seqs(self) -> int:
@@ -69,10 +83,11 @@ class AttentionMetadata:
         decode = replace(self, slot_mapping=self.slot_mapping[:d], cu_seqlens_q=self.cu_seqlens_q[:d + 1],
                          cu_seqlens_k=self.cu_seqlens_k[:d + 1], max_seqlen_q=1, context_lens=self.context_lens[:d],
                          block_tables=self.block_tables[:d], is_decode=True, has_cached_kv=True, num_decodes=0,
-                         prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None, decode_order=self.decode_order)
+                         prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None)
         prefill = replace(self, slot_mapping=self.slot_mapping[d:], cu_seqlens_q=self.prefill_cu_seqlens_q,
                           cu_seqlens_k=self.prefill_cu_seqlens_k, max_seqlen_q=self.prefill_max_seqlen_q,
                           context_lens=self.context_lens[d:], block_tables=self.block_tables[d:], is_decode=False,
                           has_cached_kv=self.prefill_has_cached_kv, num_decodes=0,
-                          prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None, decode_order=None)
+                          prefill_cu_seqlens_q=None, prefill_cu_seqlens_k=None, decode_units=None,
+                          decode_shared_lens=None)
         return decode, prefill

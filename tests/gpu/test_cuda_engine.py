@@ -234,3 +234,42 @@ def test_mixed_step_graphs_match_eager(qwen3_06b, prompts, oracle):
     score = oracle_agreement(oracle, prompts, runs[False])
     print(f"mixed-step graphs: {same}/{len(prompts)} sequences identical to eager; oracle agreement {score:.1%}")
     assert score >= 0.95
+
+
+def test_decode_units_change_no_output(qwen3_06b, monkeypatch):
+    """n=4 samples of 600-token prompts share their first two 256-token blocks, so the decode
+    kernel reads them once per unit of 4. From the third step on every step decodes 64 rows
+    in one split, where a unit changes no bit: seeded samples must equal those of an engine
+    that keeps every row alone (unit size 1)."""
+    import nanovllm.engine.llm_engine as llm_engine
+    import nanovllm.engine.model_runner as model_runner
+    prompts = random_prompts([600] * 16, vocab=10000, seed=5)
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=48, ignore_eos=True)
+    biggest_unit = []
+    build = llm_engine.build_step_inputs
+
+    def spy(*args, **kwargs):
+        inputs = build(*args, **kwargs)
+        if inputs.meta.decode_units is not None:
+            biggest_unit.append(int((inputs.meta.decode_units >= 0).sum(1).max()))
+        return inputs
+
+    monkeypatch.setattr(llm_engine, "build_step_inputs", spy)
+    runs = {}
+    for unit_size in (8, 1):
+        if unit_size == 1:
+            for module in (llm_engine, model_runner):
+                monkeypatch.setattr(module, "decode_unit_size", lambda num_heads, num_kv_heads: 1)
+        biggest_unit.clear()
+        llm = LLM(qwen3_06b, max_model_len=2048)
+        try:
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            runs[unit_size] = [[s["token_ids"] for s in o["outputs"]] for o in outputs]
+        finally:
+            llm.exit()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+        assert max(biggest_unit) == min(unit_size, 4)
+    assert runs[8] == runs[1]
+    assert len({tuple(s) for o in runs[8] for s in o}) == 64, "the samples differ"

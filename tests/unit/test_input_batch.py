@@ -5,8 +5,10 @@ from dataclasses import fields, is_dataclass
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from nanovllm.engine.input_batch import _block_tables, build_step_inputs
+from nanovllm.engine.input_batch import _block_tables, decode_units, build_step_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -62,10 +64,11 @@ def test_block_tables_are_padded_with_minus_one():
     assert block_tables.dtype == np.int32 and block_tables.tolist() == [[3, 1, -1], [-1, -1, -1], [7, 8, 9]]
 
 
-def test_decode_order_is_the_decode_rows_longest_context_first():
-    """The decode kernel starts its programs in `decode_order`: the decode rows (all rows of
-    a decode step, the leading ones of a mixed step) by context length, longest first,
-    ties in batch order; a step without decode rows has none."""
+def test_decode_units_without_sharing_are_the_decode_rows_longest_context_first():
+    """The decode kernel starts its programs in `decode_units` order: with no blocks shared
+    (or unit size 1), each decode row (all rows of a decode step, the leading ones of a mixed
+    step) alone, by context length, longest first, ties in batch order; a step without decode
+    rows has none."""
     sched = make_scheduler(num_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=64)
     for n in (5, 30, 16, 30, 3):
         sched.add(request(n, max_tokens=6, ignore_eos=True))
@@ -74,17 +77,84 @@ def test_decode_order_is_the_decode_rows_longest_context_first():
         batch = sched.schedule()
         if not batch.seqs:
             break
-        meta = build_step_inputs(batch, 16).meta
-        rows = len(batch) if meta.is_decode else meta.num_decodes
-        kinds.add((meta.is_decode, meta.num_decodes > 0))
-        if rows == 0:
-            assert meta.decode_order is None
-        else:
+        for unit_size in (1, 8):
+            meta = build_step_inputs(batch, 16, unit_size=unit_size).meta
+            rows = len(batch) if meta.is_decode else meta.num_decodes
+            kinds.add((meta.is_decode, meta.num_decodes > 0))
+            if rows == 0:
+                assert meta.decode_units is None and meta.decode_shared_lens is None
+                continue
             lens = meta.context_lens[:rows].tolist()
             expected = sorted(range(rows), key=lambda i: (-lens[i], i))
-            assert meta.decode_order.dtype == torch.int32 and meta.decode_order.tolist() == expected
-            if meta.num_decodes:  # the mixed step's decode half carries it, its prefill half does not
+            units = meta.decode_units
+            assert units.dtype == torch.int32 and units.shape == (rows, unit_size)
+            assert units[:, 0].tolist() == expected and (units[:, 1:] == -1).all()
+            assert meta.decode_shared_lens.tolist() == [0] * rows
+            if meta.num_decodes:  # the mixed step's decode half carries them, its prefill half does not
                 decode, prefill = meta.split
-                assert decode.decode_order is meta.decode_order and prefill.decode_order is None
+                assert decode.decode_units is meta.decode_units and prefill.decode_units is None
         sched.on_output(batch, {seq.seq_id: TOKEN for seq in sched.on_launch(batch)})
     assert {(True, False), (False, True), (False, False)} <= kinds, kinds
+
+
+def check_units(units: torch.Tensor, shared_lens: torch.Tensor, tables: np.ndarray, lens: np.ndarray,
+                block_size: int, unit_size: int) -> list[list[int]]:
+    """The invariants the decode kernel relies on; returns the units as lists of rows."""
+    rows = len(lens)
+    assert units.shape == (rows, unit_size) and shared_lens.shape == (rows,)
+    groups = [[r for r in u if r >= 0] for u in units.tolist()]
+    assert all(u[:len(g)] == g for u, g in zip(units.tolist(), groups)), "members first, -1 after"
+    assert sorted(r for g in groups for r in g) == list(range(rows)), "every row in exactly one unit"
+    n = sum(1 for g in groups if g)
+    assert all(groups[:n]) and not any(groups[n:]), "units first, empty slots after"
+    works = []
+    for g, shared in zip(groups[:n], shared_lens.tolist()):
+        assert shared % block_size == 0 and (shared == 0) == (len(g) == 1)
+        for r in g:  # the shared keys lie in whole blocks the members all hold, before their newest key
+            assert shared <= (lens[r] - 1) // block_size * block_size
+            assert (tables[r, :shared // block_size] == tables[g[0], :shared // block_size]).all()
+        works.append(shared + sum(int(lens[r]) - shared for r in g))
+    assert works == sorted(works, reverse=True), "longest work first"
+    return groups[:n]
+
+
+def test_decode_units_group_rows_that_share_leading_blocks():
+    """Four samples of one prompt (3 shared blocks); three prompts behind one cached prefix of
+    2 blocks, two of them 2 blocks more; two loners. Rows that share blocks are cut into
+    units of the unit size, and a unit shares the blocks all its members hold."""
+    bs = 16
+    tables = [[1, 2, 3, 10 + i] for i in range(4)] + [[5, 6, 20], [5, 6, 7, 8, 21], [5, 6, 7, 8, 22]] \
+        + [[30, 31], [40]]
+    lens = np.array([4 * bs - 3 + i for i in range(4)] + [3 * bs, 5 * bs - 1, 4 * bs + 2, 2 * bs, 9], dtype=np.int32)
+    padded = np.full((len(tables), 5), -1, dtype=np.int32)
+    for r, t in enumerate(tables):
+        padded[r, :len(t)] = t
+    for unit_size, expected, shared_blocks in (
+            (8, [[0, 1, 2, 3], [4, 5, 6], [7], [8]], {0: 3, 4: 2, 7: 0, 8: 0}),
+            (2, [[0, 1], [2, 3], [4], [5, 6], [7], [8]], {0: 3, 2: 3, 4: 0, 5: 4, 7: 0, 8: 0})):
+        units, shared = decode_units(padded, lens, bs, unit_size)
+        groups = check_units(units, shared, padded, lens, bs, unit_size)
+        assert sorted(map(sorted, groups)) == expected
+        assert dict(zip(map(min, groups), shared.tolist())) == {r: b * bs for r, b in shared_blocks.items()}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(1, 60)), min_size=1, max_size=24),
+       st.integers(1, 8))
+def test_decode_units_hold_their_invariants(rows, unit_size):
+    """Random tables drawn from a small prefix tree (shared first and second blocks), then
+    own blocks: the units always keep the kernel's invariants."""
+    bs, next_own = 16, iter(range(1000, 2000))
+    tables, lens = [], []
+    for a, b, own_keys in rows:
+        shared = [a, 100 + 4 * a + b][:(a > 0) + (a > 0 and b > 0)]  # 0, 1 or 2 shared blocks
+        num_keys = len(shared) * bs + own_keys
+        tables.append(shared + [next(next_own) for _ in range(-(-num_keys // bs) - len(shared))])
+        lens.append(num_keys)
+    padded = np.full((len(tables), max(map(len, tables))), -1, dtype=np.int32)
+    for r, t in enumerate(tables):
+        padded[r, :len(t)] = t
+    lens = np.array(lens, dtype=np.int32)
+    units, shared = decode_units(padded, lens, bs, unit_size)
+    groups = check_units(units, shared, padded, lens, bs, unit_size)
+    assert max(map(len, groups)) <= unit_size

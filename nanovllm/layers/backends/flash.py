@@ -29,7 +29,8 @@ class FlashBackend:
                 v_scale=None) -> torch.Tensor:
         if meta.is_decode and k_cache.numel():
             return self._decode(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale,
-                                max_context_len=self.max_model_len, order=meta.decode_order)
+                                max_context_len=self.max_model_len, units=meta.decode_units,
+                                shared_lens=meta.decode_shared_lens)
         if not meta.has_cached_kv or not k_cache.numel():
             # every sequence is a fresh prompt: attend to this step's k/v directly
             return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,

@@ -44,7 +44,8 @@ class TritonBackend:
         if meta.is_decode:
             return paged_decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale,
                                           num_splits=self.num_decode_splits, max_context_len=self.max_model_len,
-                                          k_scale=k_scale, v_scale=v_scale, order=meta.decode_order)
+                                          k_scale=k_scale, v_scale=v_scale, units=meta.decode_units,
+                                          shared_lens=meta.decode_shared_lens)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, meta.max_seqlen_q, scale, k_scale, v_scale)
 
