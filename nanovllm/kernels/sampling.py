@@ -1,5 +1,6 @@
 """One-pass sampling (Triton): temperature, Gumbel noise and argmax over the vocabulary in one
-read of the logits, for the common batch job (temperature only, no top-k/top-p/min-p).
+read of the logits. Top-k, top-p and min-p reach it as one logit threshold per row
+(`kernels/sampling_thresholds.py`), so no sampling setting sorts the vocabulary.
 
 The Gumbel-max trick: argmax_i (x_i / T - log E_i) with E_i ~ Exp(1) is a draw from
 softmax(x / T), the same race the PyTorch sampler runs as argmax_i p_i / E_i, without the
@@ -15,6 +16,8 @@ depends on its key alone, never on the batch. Temperature-0 rows take the plain 
   keys: [num_rows] int64, the Philox key of each row's noise
   bitmask: [num_masked_rows, ceil(vocab / 32)] int32, optional: bit j of word w allows id 32 w + j
   mask_rows: [num_rows] int32, with bitmask: each row's bitmask row, -1 for a row it leaves free
+  thresholds: [num_rows] float32, optional: a row draws among the ids whose logit is at least
+              its threshold (top-k / top-p / min-p, from `kernels/sampling_thresholds.py`)
 
 Applying the grammar bitmask here, as the scan reads each id, spares structured outputs the
 float32 copy of the logits and the separate masking pass.
@@ -41,9 +44,9 @@ def _exponential(r):
 
 
 @triton.jit
-def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, part_val_ptr, part_idx_ptr,
-                         vocab, stride_row, num_words, num_chunks,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr, part_val_ptr,
+                         part_idx_ptr, vocab, stride_row, num_words, num_chunks,
+                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     temp = tl.load(temps_ptr + row)
@@ -56,6 +59,8 @@ def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_pt
     if MASKED:
         mask_row = tl.load(mask_rows_ptr + row)   # -1: a free row reads bitmask row 0, then ignores it
         words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * num_words
+    if THRESHOLD:
+        threshold = tl.load(thresholds_ptr + row)
     for start in tl.static_range(0, CHUNK, BLOCK):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
         valid = idx < vocab
@@ -63,6 +68,8 @@ def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_pt
         if MASKED:  # 32 neighbouring lanes read one word: a broadcast load
             word = tl.load(words_ptr + idx // 32, mask=valid, other=0)
             x = tl.where((((word >> (idx % 32)) & 1) != 0) | (mask_row < 0), x, float("-inf"))
+        if THRESHOLD:
+            x = tl.where(x >= threshold, x, float("-inf"))
         bits = tl.randint(key, idx).to(tl.uint32, bitcast=True)
         noise = -tl.log(_exponential(bits))   # Gumbel(0, 1)
         score = tl.where(greedy, x, x * inv_temp + noise)
@@ -91,10 +98,10 @@ def _row_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_chunks, BLOCK_C:
 
 def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
                   bitmask: torch.Tensor | None = None, mask_rows: torch.Tensor | None = None,
-                  chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
+                  thresholds: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """[num_rows] int64 token ids: a draw from softmax(logits / T) per row, argmax where T = 0,
-    over the ids its bitmask row allows, if any. (`chunk`, `block`: powers of two, block <=
-    chunk; smaller ones let tests cross chunks cheaply.)"""
+    over the ids its bitmask row allows, if any, and whose logit reaches its threshold, if any.
+    (`chunk`, `block`: powers of two, block <= chunk; smaller ones let tests cross chunks cheaply.)"""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
@@ -108,8 +115,9 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.
     bitmask = bitmask.contiguous() if masked else None
     _chunk_argmax_kernel[(num_rows, num_chunks)](
         logits, temperatures, keys, bitmask if masked else keys, mask_rows if masked else keys,
+        keys if thresholds is None else thresholds.contiguous(),
         part_val, part_idx, vocab, logits.stride(0), bitmask.shape[1] if masked else 0, num_chunks,
-        CHUNK=chunk, BLOCK=block, MASKED=masked, num_warps=4)
+        CHUNK=chunk, BLOCK=block, MASKED=masked, THRESHOLD=thresholds is not None, num_warps=4)
     _row_argmax_kernel[(num_rows,)](part_val, part_idx, out, num_chunks,
                                     BLOCK_C=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
     return out

@@ -11,10 +11,11 @@ A draw is an exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw fr
 vocabulary; only top-p sorts. Rows with a seed draw E from their own generator, seeded
 by (request seed, output position), so their tokens do not depend on the batch.
 
-On CUDA, when no row uses top-k, top-p or min-p, the race runs as the Gumbel-max trick in
-one Triton pass over the logits (`kernels/sampling.py`): the same distribution, its noise
-from Philox keyed per row (a seeded row's key is its generator seed above); the grammar
-bitmask is then applied inside that pass.
+On CUDA the race runs as the Gumbel-max trick in one Triton pass over the logits
+(`kernels/sampling.py`): the same distribution, its noise from Philox keyed per row (a
+seeded row's key is its generator seed above); the grammar bitmask is applied inside that
+pass, and top-k / top-p / min-p as one logit threshold per row found without a sort
+(`kernels/sampling_thresholds.py`; ids tied with the last one kept are all kept).
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -166,8 +167,7 @@ class Sampler(nn.Module):
                 generator: torch.Generator | None = None, grammar: GrammarMask | None = None) -> SamplerOutput:
         """logits [num_rows, vocab], any float dtype (not modified). `generator` draws the
         noise of the unseeded rows; `grammar` limits the constrained rows' tokens."""
-        one_pass = (logits.is_cuda and fused_kernels_enabled(logits) and params.top_k is None
-                    and params.top_p is None and params.min_p is None)
+        one_pass = logits.is_cuda and fused_kernels_enabled(logits)
         raw_logprobs = None
         if params.logprob_rows is not None:  # NOTE: from the unmodified distribution
             raw_logprobs = torch.log_softmax(logits[params.logprob_rows].float(), dim=-1)
@@ -185,7 +185,12 @@ class Sampler(nn.Module):
             from nanovllm.kernels.sampling import gumbel_argmax
             keys = self._row_keys(params, len(logits), generator)
             mask = {} if grammar is None else dict(bitmask=grammar.bitmask, mask_rows=grammar.row_index(len(logits)))
-            token_ids = gumbel_argmax(logits, params.temperatures, keys, **mask)
+            thresholds = None
+            if params.top_k is not None or params.top_p is not None or params.min_p is not None:
+                from nanovllm.kernels.sampling_thresholds import sampling_thresholds
+                thresholds = sampling_thresholds(logits, params.temperatures, params.top_k, params.top_p,
+                                                 params.min_p, **mask)
+            token_ids = gumbel_argmax(logits, params.temperatures, keys, thresholds=thresholds, **mask)
         elif params.any_greedy:
             greedy = logits.argmax(dim=-1)  # before _sample edits the logits in place
             token_ids = torch.where(params.temperatures > 0, self._sample(logits, params, generator), greedy)
