@@ -158,3 +158,29 @@ def test_decode_units_hold_their_invariants(rows, unit_size):
     units, shared = decode_units(padded, lens, bs, unit_size)
     groups = check_units(units, shared, padded, lens, bs, unit_size)
     assert max(map(len, groups)) <= unit_size
+
+
+def test_decode_steps_group_the_samples_of_one_prompt():
+    """Four requests with one 40-token prompt (as n=4 samples are) end up holding the same
+    two full blocks once the prefix cache dedupes them; from then on every decode step puts
+    them in one unit sharing 32 keys, and the other requests alone."""
+    sched = make_scheduler(num_blocks=40, block_size=16, max_num_seqs=8, max_num_batched_tokens=256)
+    prompt = list(range(500, 540))
+    twins = [request(40, max_tokens=8, ignore_eos=True, token_ids=prompt) for _ in range(4)]
+    for seq in twins + [request(40, max_tokens=8, ignore_eos=True), request(20, max_tokens=8, ignore_eos=True)]:
+        sched.add(seq)
+    twin_ids, grouped = {seq.seq_id for seq in twins}, 0
+    for _ in range(20):
+        batch = sched.schedule()
+        if not batch.seqs:
+            break
+        meta = build_step_inputs(batch, 16, unit_size=8).meta
+        if meta.is_decode:
+            units = [[batch.seqs[r].seq_id for r in u if r >= 0] for u in meta.decode_units.tolist()]
+            shared = dict(zip(map(tuple, units), meta.decode_shared_lens.tolist()))
+            if any(set(u) == twin_ids for u in units):
+                grouped += 1
+                assert shared[next(tuple(u) for u in units if set(u) == twin_ids)] == 32
+                assert all(len(u) == 1 and shared[tuple(u)] == 0 for u in units if u and set(u) != twin_ids)
+        sched.on_output(batch, {seq.seq_id: TOKEN for seq in sched.on_launch(batch)})
+    assert grouped >= 5, grouped
