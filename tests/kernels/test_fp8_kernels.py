@@ -175,6 +175,24 @@ def test_fp8_decode_matches_reference(block_size, num_splits, num_heads, num_kv_
     check_fp8_decode([70, 0, 1, 100, 7, 33], num_heads, num_kv_heads, 32, block_size, dtype, CPU, num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_fp8_decode_units_read_shared_keys_once(num_splits):
+    # rows 0-2 hold row 0's first two blocks (as n samples of one prompt): their unit reads
+    # those 32 keys, and their per-key scales, once
+    batch = Fp8PagedBatch([50, 40, 70, 33], 16, 2, 32, CPU)
+    batch.block_tables[1:3, :2] = batch.block_tables[0, :2]
+    units = torch.tensor([[0, 1, 2, -1], [3, -1, -1, -1], [-1] * 4, [-1] * 4], dtype=torch.int32)
+    shared = torch.tensor([32, 0, 0, 0], dtype=torch.int32)
+    q = torch.randn(4, 8, 32)
+    args = (q, batch.k_cache, batch.v_cache, batch.context_lens, batch.block_tables, 0.2)
+    scales = dict(k_scale=batch.k_scale, v_scale=batch.v_scale)
+    out = paged_decode_attention(*args, num_splits=num_splits, units=units, shared_lens=shared, **scales)
+    cu_q = torch.arange(5, dtype=torch.int32)
+    ref = paged_attention_ref(*args[:3], cu_q, *args[3:], batch.k_scale, batch.v_scale)
+    assert_attention_close(out, ref, q, batch.k_cache, batch.v_cache, cu_q, batch.context_lens, batch.block_tables,
+                           0.2, batch.k_scale, batch.v_scale)
+
+
 # ----------------------------------------------------------------------------- backend
 def check_fp8_backend(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
                       block_size: int, dtype: torch.dtype, device: torch.device, pad_seqs: int = 0) -> None:
