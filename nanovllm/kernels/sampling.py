@@ -44,6 +44,29 @@ def _exponential(r):
 
 
 @triton.jit
+def bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED: tl.constexpr):
+    """(the row's bitmask row, -1 for a free one; a pointer to its words)."""
+    mask_row = -1
+    words_ptr = mask_ptr
+    if MASKED:
+        mask_row = tl.load(mask_rows_ptr + row)   # -1: a free row reads bitmask row 0, then ignores it
+        words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * num_words
+    return mask_row, words_ptr
+
+
+@triton.jit
+def masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED: tl.constexpr):
+    """The row's logits at idx as float32; ids past the vocabulary, ids its bitmask row
+    disallows and NaN read -inf (they never win a race nor count in a sum)."""
+    valid = idx < vocab
+    x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    if MASKED:  # 32 neighbouring lanes read one word: a broadcast load
+        word = tl.load(words_ptr + idx // 32, mask=valid, other=0)
+        x = tl.where((((word >> (idx % 32)) & 1) != 0) | (mask_row < 0), x, float("-inf"))
+    return tl.where(x == x, x, float("-inf"))
+
+
+@triton.jit
 def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr, part_val_ptr,
                          part_idx_ptr, vocab, stride_row, num_words, num_chunks,
                          CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
@@ -56,24 +79,17 @@ def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_pt
     best_val = tl.full([BLOCK], float("-inf"), tl.float32)
     best_idx = tl.full([BLOCK], 2147483647, tl.int32)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    if MASKED:
-        mask_row = tl.load(mask_rows_ptr + row)   # -1: a free row reads bitmask row 0, then ignores it
-        words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * num_words
+    mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
     if THRESHOLD:
         threshold = tl.load(thresholds_ptr + row)
     for start in tl.static_range(0, CHUNK, BLOCK):
         idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
-        valid = idx < vocab
-        x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
-        if MASKED:  # 32 neighbouring lanes read one word: a broadcast load
-            word = tl.load(words_ptr + idx // 32, mask=valid, other=0)
-            x = tl.where((((word >> (idx % 32)) & 1) != 0) | (mask_row < 0), x, float("-inf"))
+        x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
         if THRESHOLD:
             x = tl.where(x >= threshold, x, float("-inf"))
         bits = tl.randint(key, idx).to(tl.uint32, bitcast=True)
         noise = -tl.log(_exponential(bits))   # Gumbel(0, 1)
-        score = tl.where(greedy, x, x * inv_temp + noise)
-        score = tl.where(valid & (score == score), score, float("-inf"))  # NaN never wins
+        score = tl.where(greedy, x, x * inv_temp + noise)  # NaN and padding: -inf, never taken
         take = score > best_val   # strict: a lane keeps its first maximum
         best_val = tl.where(take, score, best_val)
         best_idx = tl.where(take, idx, best_idx)

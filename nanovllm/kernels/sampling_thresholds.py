@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.sampling import bitmask_row, masked_logits
+
 BLOCK = 512        # ids per load ([BLOCK, CANDIDATES] comparisons a step stay in registers)
 CANDIDATES = 16    # keys tested per pass (15 cut points and the range's start): 4 bits a pass
 
@@ -35,17 +37,6 @@ def _order_key(x):
     """float32 -> int32 in the same order (negative floats: their magnitude bits flipped)."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-@triton.jit
-def _row_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED: tl.constexpr):
-    """The row's logits at idx as float32; padding, disallowed ids and NaN read -inf."""
-    valid = idx < vocab
-    x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
-    if MASKED:
-        word = tl.load(words_ptr + idx // 32, mask=valid, other=0)
-        x = tl.where((((word >> (idx % 32)) & 1) != 0) | (mask_row < 0), x, float("-inf"))
-    return tl.where(x == x, x, float("-inf"))
 
 
 @triton.jit
@@ -63,7 +54,7 @@ def _search(row_ptr, words_ptr, mask_row, vocab, target, floor_key, row_max, sca
         total = tl.zeros([BLOCK, CANDIDATES], tl.float32)
         for start in range(0, vocab, BLOCK):
             idx = start + tl.arange(0, BLOCK)
-            x = _row_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
+            x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
             key = (_order_key(x) >> SHIFT).to(tl.int64)
             if MASS:
                 w = tl.exp2((x - row_max) * scale)
@@ -95,14 +86,10 @@ def _threshold_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, ma
     row = tl.program_id(0)
     temp = tl.load(temps_ptr + row)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    mask_row = -1
-    words_ptr = mask_ptr
-    if MASKED:
-        mask_row = tl.load(mask_rows_ptr + row)   # -1: a free row reads bitmask row 0, then ignores it
-        words_ptr = mask_ptr + tl.maximum(mask_row, 0).to(tl.int64) * num_words
+    mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
     row_max = tl.full([], float("-inf"), tl.float32)
     for start in range(0, vocab, BLOCK):
-        x = _row_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
+        x = masked_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
         row_max = tl.maximum(row_max, tl.max(x, 0))
     scale = 1.4426950408889634 / tl.where(temp > 0.0, temp, 1.0)  # log2(e) / T: weights exp2((x - max) * scale)
     # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
@@ -122,7 +109,7 @@ def _threshold_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, ma
         if (p < 1.0) & sampled:
             kept = tl.zeros([BLOCK], tl.float32)  # the mass top-k left
             for start in range(0, vocab, BLOCK):
-                x = _row_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
+                x = masked_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
                 key = (_order_key(x) >> SHIFT).to(tl.int64)
                 kept += tl.where(key >= floor_key, tl.exp2((x - row_max) * scale), 0.0)
             crossing = _search(row_ptr, words_ptr, mask_row, vocab, p * tl.sum(kept, 0), floor_key, row_max, scale,

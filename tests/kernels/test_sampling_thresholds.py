@@ -12,6 +12,7 @@ pytest.importorskip("triton", reason="the kernels need triton (pip install -e \"
 
 from nanovllm.kernels.sampling_thresholds import sampling_thresholds  # noqa: E402
 from nanovllm.layers.sampler import apply_min_p, apply_top_k, apply_top_k_top_p  # noqa: E402
+from tests.kernels.test_sampling_kernel import masked_case  # noqa: E402
 
 SMALL = dict(block=32)
 
@@ -77,21 +78,11 @@ def test_greedy_and_unfiltered_rows_keep_everything_and_top_p_0_keeps_the_max():
 
 
 def test_grammar_bitmask_filters_before_the_thresholds():
-    gen = torch.Generator().manual_seed(3)
     rows, vocab = 6, 200
-    logits = torch.randn(rows, vocab, generator=gen) * 2
-    allowed = torch.rand(rows, vocab, generator=gen) < 0.3
-    allowed[:, 0] = True
-    words = (vocab + 31) // 32
-    bits = torch.zeros(rows, words * 32, dtype=torch.int64)
-    bits[:, :vocab] = allowed.long()
-    bitmask = (bits.view(rows, words, 32) << torch.arange(32)).sum(-1).to(torch.int64)
-    bitmask = torch.where(bitmask >= 2**31, bitmask - 2**32, bitmask).to(torch.int32)
-    mask_rows = torch.tensor([0, -1, 2, 3, -1, 5], dtype=torch.int32)   # rows 1 and 4 unconstrained
-    temps, top_k, top_p, min_p = settings(rows, gen)
+    logits, bitmask, mask_rows, premasked, _ = masked_case(rows, vocab)   # every other row constrained
+    temps, top_k, top_p, min_p = settings(rows, torch.Generator().manual_seed(3))
     thresholds = sampling_thresholds(logits, temps, top_k, top_p, min_p, bitmask=bitmask, mask_rows=mask_rows,
                                      **SMALL)
-    premasked = torch.where(allowed | (mask_rows < 0)[:, None], logits, -math.inf)
     kept = (premasked >= thresholds[:, None]) & premasked.isfinite()
     assert torch.equal(kept, reference_kept(premasked, temps, top_k, top_p, min_p))
 
