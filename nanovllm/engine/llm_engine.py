@@ -27,7 +27,6 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.engine.structured_output import GrammarManager
 from nanovllm.engine.worker import WorkerGroup
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.context import decode_unit_size
 from nanovllm.utils.model_path import load_tokenizer, resolve_model_path
 
 logger = logging.getLogger("nanovllm")
@@ -104,8 +103,6 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.config.max_num_seqs, self.config.max_num_batched_tokens,
                                    self.max_model_len, self.eos_token_ids)
         self.outputs = OutputProcessor(self.tokenizer, self.scheduler)
-        m = self.model_config
-        self.decode_unit_size = decode_unit_size(m.num_attention_heads, m.num_key_value_heads)
         self.grammars = GrammarManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
         self._in_flight: InFlight | None = None
         self._busy = threading.Lock()   # held by the one generate() or started stream() that runs
@@ -204,7 +201,7 @@ class LLMEngine:
             if batch.seqs:
                 prev_rows = self._in_flight.rows() if self._in_flight is not None else {}
                 inputs = build_step_inputs(batch, self.config.kvcache_block_size, self.eos_token_ids, prev_rows,
-                                           self.decode_unit_size)
+                                           self.model_runner.decode_unit_size)
                 if self.grammars.constrains(batch.seqs):
                     output, done = self._run_constrained_step(batch, inputs)
                     finished += done

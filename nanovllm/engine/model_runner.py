@@ -41,6 +41,8 @@ class ModelRunner:
     def _build(self) -> None:
         config, model_config, device, max_model_len = self.config, self.model_config, self.device, self.max_model_len
         self.block_size = config.kvcache_block_size
+        # decode rows a unit may hold: the step inputs' and the decode graphs' unit tables agree
+        self.decode_unit_size = decode_unit_size(model_config.num_attention_heads, model_config.num_key_value_heads)
         self.dtype = model_config.resolve_dtype(config.dtype, device)
         self.backend_name = resolve_backend(config.attention_backend, device, self.block_size, self.dtype,
                                             config.kv_cache_dtype)
@@ -149,10 +151,8 @@ class ModelRunner:
         """Whole-model graphs for decode steps, piecewise ones for steps with prefill chunks."""
         if self.config.enforce_eager or self.device.type != "cuda":
             return None, None
-        m = self.model_config
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.max_model_len, self.block_size,
-                              m.hidden_size, self.dtype, self.device,
-                              decode_unit_size(m.num_attention_heads, m.num_key_value_heads))
+                              self.model_config.hidden_size, self.dtype, self.device, self.decode_unit_size)
         pieces = PiecewiseGraphs(self.model, min(self.config.max_num_batched_tokens, PIECEWISE_MAX_TOKENS),
                                  self.dtype, self.device)
         graphs.capture(pieces.capture())

@@ -258,8 +258,7 @@ def test_decode_units_change_no_output(qwen3_06b, monkeypatch):
     runs = {}
     for unit_size in (8, 1):
         if unit_size == 1:
-            for module in (llm_engine, model_runner):
-                monkeypatch.setattr(module, "decode_unit_size", lambda num_heads, num_kv_heads: 1)
+            monkeypatch.setattr(model_runner, "decode_unit_size", lambda num_heads, num_kv_heads: 1)
         biggest_unit.clear()
         llm = LLM(qwen3_06b, max_model_len=2048)
         try:
