@@ -159,3 +159,20 @@ def test_a_changed_package_is_not_labelled_as_its_head(tmp_path):
     assert head and "+" not in head
     (tmp_path / "nanovllm" / "a.py").write_text("x = 2\n")
     assert bench.git_commit(str(tmp_path)) == head + "+changes"
+
+
+@pytest.mark.parametrize("name,vocab_size", [("shared-prefix", None), ("sampling-n", 500)])
+def test_warmup_is_a_miniature_that_shares_no_prompt_block(name, vocab_size):
+    # the untimed miniature compiles the workload's kernel variants; were any of its prompt
+    # blocks equal to the workload's, the prefix cache would speed up the timed run
+    workload = bench.fit_to_vocab(bench.make_workload(bench.WORKLOADS[name]), vocab_size)
+    warm = bench.warmup_workload(workload)
+    assert warm.spec == workload.spec
+    assert len(warm.prompt_token_ids) == min(bench.WARMUP_REQUESTS, len(workload.prompt_token_ids))
+    ids = {t for p in workload.prompt_token_ids for t in p}
+    for real, mini, real_max, mini_max in zip(workload.prompt_token_ids, warm.prompt_token_ids,
+                                              workload.max_tokens, warm.max_tokens):
+        assert len(mini) == len(real) and mini_max == min(real_max, bench.WARMUP_TOKENS)
+        assert all(a != b for a, b in zip(real, mini))
+        assert max(mini) <= max(ids)  # within the (folded) vocabulary
+    assert warm.prompt_token_ids[0][:warm.spec.prefix_len] == warm.prompt_token_ids[-1][:warm.spec.prefix_len]
