@@ -34,9 +34,17 @@ FP8_MIN_ARGMAX_AGREEMENT = 0.8
 
 @functools.lru_cache(maxsize=1)
 def hf_gguf_model():
+    import gguf
     from transformers import AutoModelForCausalLM
     folder, name = os.path.split(demo_gguf_path())
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    # ~10 s of HF's ~18 s load is waste: it parses the file's metadata (49k vocabulary strings)
+    # once for the config and again for the weights, and rebuilds gguf's tensor-name table for
+    # every submodule (~400 times). Both are pure functions of their arguments, so they are
+    # memoized for this one load: the same code path, the same weights and config.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=None)(gguf.GGUFReader))
+        mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
 
 
 @torch.no_grad()
