@@ -3,6 +3,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, fields
+from functools import cached_property
 from numbers import Integral, Real
 
 # OpenAI's (and vLLM's) range for presence_penalty and frequency_penalty
@@ -180,3 +181,10 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @cached_property
+    def sampler_settings(self) -> tuple:
+        """The fields a step's sampling tensors take from every row: requests that differ only
+        elsewhere (max_tokens, stop strings, n) share them, so a step builds them once."""
+        return (self.temperature, self.top_k, self.top_p, self.min_p, self.seed, self.min_tokens, self.logprobs,
+                self.repetition_penalty, self.presence_penalty, self.frequency_penalty)

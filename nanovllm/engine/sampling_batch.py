@@ -94,10 +94,11 @@ def build_sampling_tensors(seqs: list[Sequence], eos_token_ids: frozenset[int]) 
     """Host tensors for the sequences that sample this step, in logits-row order.
 
     Each stage's per-row work runs only when some request uses it, decided on the
-    distinct settings objects (usually one: a batch from one `generate` call shares its
-    SamplingParams), so the common case costs a few fills per step."""
+    distinct sampler settings (usually one: requests of one job differ in max_tokens, if at
+    all), so the common case costs a few fills per step."""
     params = [seq.sampling_params for seq in seqs]
-    distinct = list({id(p): p for p in params}.values())
+    objects = {id(p): p for p in params}.values()  # NOTE: cheaper keys first; most jobs share one object
+    distinct = list({p.sampler_settings: p for p in objects}.values())
     max_top_k = max((p.top_k for p in distinct), default=0)   # -1 and 0 both mean off
     logprob_rows, num_logprobs = _logprobs(params, distinct)
     banned_rows, banned_ids = (_banned(seqs, eos_token_ids) if any(p.min_tokens for p in distinct)
