@@ -37,7 +37,7 @@ def _patch_the_interpreter_once_per_launch() -> None:
             pass  # a helper's patch is never restored by Triton either
 
     def once_per_launch(fn):
-        langs = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}  # as Triton looks them up
         if patched:  # a helper called inside a running kernel
             if langs <= patched[-1]:
                 return Patched()
