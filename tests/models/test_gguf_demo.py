@@ -23,7 +23,7 @@ from tests.models.test_hf_agreement import engine_logits  # noqa: E402
 CHAT_PROMPTS = ["introduce yourself", "list all prime numbers within 100", "What is the capital of France?"]
 # measured: 5.7e-5 to 6.6e-5 max abs diff on the chat prompts (logits up to ~40 in magnitude)
 LOGIT_TOL = 1e-3
-NUM_GREEDY_TOKENS = 48
+NUM_GREEDY_TOKENS = 32  # after chat prompts of 33-39 tokens: the decodes cross the 48- and 64-token block edges
 # kv_cache_dtype="fp8", measured on the chat prompts: per-position relative logit error
 # (||ours - HF|| / ||HF||) median 7.2-7.8%, argmax agreement over prompt positions 93.9-94.9%.
 # Mostly K's rounding (6.1% alone, V's 1.7%): this model's attention scores reach ~28, where
