@@ -12,6 +12,7 @@ from nanovllm.engine import block_manager as bm_module
 from nanovllm.engine.block_manager import NO_HASH, BlockManager, chain_hash
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from tests.conftest import fuzz_examples
 
 BLOCK_SIZES = [16, 32, 256]
 PARAMS = SamplingParams(temperature=0, max_tokens=16)
@@ -538,13 +539,13 @@ def run_operations(bs: int, prefix_caching: bool, num_blocks: int, ops) -> None:
     assert bm.num_free_blocks == num_blocks
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(bs=st.sampled_from([16, 32]), prefix_caching=st.booleans(), num_blocks=st.integers(4, 10), ops=OPS)
 def test_random_operations_keep_invariants(bs, prefix_caching, num_blocks, ops):
     run_operations(bs, prefix_caching, num_blocks, ops)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, phases=[Phase.generate],
+@settings(max_examples=fuzz_examples(150), deadline=None, derandomize=True, phases=[Phase.generate],
           suppress_health_check=[HealthCheck.too_slow])
 @given(bs=st.sampled_from([16, 32]), num_blocks=st.integers(4, 10), ops=OPS)
 def test_random_operations_with_colliding_hashes(bs, num_blocks, ops):

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from nanovllm.engine.block_manager import NO_HASH
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import SequenceStatus
+from tests.conftest import fuzz_examples
 from tests.unit.test_block_manager import FakeKV
 from tests.unit.test_scheduler import EOS, _check_batch, _prompt, make_scheduler, request, shape
 
@@ -139,6 +140,6 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert 1 <= seq.num_completion_tokens <= seq.sampling_params.max_tokens
 
 
-SchedulerMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=50, deadline=None,
+SchedulerMachine.TestCase.settings = settings(max_examples=fuzz_examples(150), stateful_step_count=50, deadline=None,
                                               suppress_health_check=[HealthCheck.too_slow])
 test_scheduler_state_machine = SchedulerMachine.TestCase
