@@ -30,6 +30,8 @@ def _patch_the_interpreter_once_per_launch() -> None:
     patch_lang = getattr(interpreter, "_patch_lang", None)
     if patch_lang is None or list(inspect.signature(patch_lang).parameters) != ["fn"]:
         return  # another Triton: leave its interpreter alone
+    if getattr(patch_lang, "once_per_launch", False):
+        return  # installed already
     patched = []  # per running launch: ids of the language modules patched so far
 
     class Patched:
@@ -53,6 +55,7 @@ def _patch_the_interpreter_once_per_launch() -> None:
         scope.restore = restore_and_pop
         return scope
 
+    once_per_launch.once_per_launch = True
     interpreter._patch_lang = once_per_launch
 
 
