@@ -19,44 +19,49 @@ def _patch_the_interpreter_once_per_launch() -> None:
     """Triton's CPU interpreter re-patches triton.language (inspect.getmembers over the
     module, its tensor class and math) on every call of a @triton.jit helper, in every program
     of the grid: ~40 % of the kernel tests' time, for patches the launch has already made.
-    Here a helper call skips that when the language modules it sees were patched earlier in
-    the same launch; the launch's own patch and its restore are unchanged, and the helpers run
-    the same interpreted code, so every kernel computes the same bits."""
+    Here a helper call inside a launch skips that when the language modules it sees were
+    patched earlier in the same launch; the launch's own patch and its restore are unchanged,
+    and the helpers run the same interpreted code, so every kernel computes the same bits."""
     if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
         return
     import triton.language as tl
     from triton.runtime import interpreter
 
     patch_lang = getattr(interpreter, "_patch_lang", None)
-    if patch_lang is None or list(inspect.signature(patch_lang).parameters) != ["fn"]:
+    launch = getattr(getattr(interpreter, "GridExecutor", None), "__call__", None)
+    if patch_lang is None or launch is None or list(inspect.signature(patch_lang).parameters) != ["fn"]:
         return  # another Triton: leave its interpreter alone
     if getattr(patch_lang, "once_per_launch", False):
         return  # installed already
-    patched = []  # per running launch: ids of the language modules patched so far
+    launches = []  # per running launch: ids of the language modules patched so far (None before its own)
 
     class Patched:
         def restore(self) -> None:
             pass  # a helper's patch is never restored by Triton either
 
-    def once_per_launch(fn):
-        langs = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}  # as Triton looks them up
-        if patched:  # a helper called inside a running kernel
-            if langs <= patched[-1]:
-                return Patched()
-            patched[-1] |= langs
-            return patch_lang(fn)
-        scope = patch_lang(fn)  # a launch: its scope is restored when the grid is done
-        patched.append(langs)
-        restore = scope.restore
+    def langs_of(fn) -> set[int]:
+        return {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}  # as Triton finds them
 
-        def restore_and_pop() -> None:
-            patched.pop()
-            restore()
-        scope.restore = restore_and_pop
+    def once_per_launch(fn):
+        if launches and launches[-1] is not None:  # a helper called inside a running kernel
+            langs = langs_of(fn)
+            if langs and langs <= launches[-1]:
+                return Patched()
+        scope = patch_lang(fn)  # outside a kernel, the launch's own patch, or a helper's first
+        if launches:
+            launches[-1] = (launches[-1] or set()) | langs_of(fn)
         return scope
+
+    def counted_launch(self, *args, **kwargs):
+        launches.append(None)
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            launches.pop()
 
     once_per_launch.once_per_launch = True
     interpreter._patch_lang = once_per_launch
+    interpreter.GridExecutor.__call__ = counted_launch
 
 
 _patch_the_interpreter_once_per_launch()
