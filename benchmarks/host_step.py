@@ -5,9 +5,11 @@ while it is shorter, so it bounds the short decode steps of a large batch.
 
     python benchmarks/host_step.py                 # 256 rows, 200 steps, median of 5 runs
     python benchmarks/host_step.py --profile       # and a by-function profile of one run
+    python benchmarks/host_step.py --workload chat # a bench.py workload's requests, whole (ids folded)
     PYTHONPATH=<other checkout> python benchmarks/host_step.py   # an older version, same script
 """
 import argparse
+import contextlib
 import cProfile
 import pstats
 import random
@@ -38,14 +40,17 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--workload", help="time the host over this bench.py workload's requests instead")
     args = p.parse_args()
     path = make_random_checkpoint(tempfile.mkdtemp(), CONFIG, seed=0)
-    llm = LLM(path, max_model_len=1024, max_num_seqs=args.rows)
+    llm = LLM(path, max_model_len=4096 if args.workload else 1024, max_num_seqs=args.rows)
     runner = llm.model_runner
     logits = torch.zeros(args.rows, VOCAB)  # made once: filling it each step would be the stub's cost
     runner.forward = lambda inputs: logits[:len(inputs.sampling_seq_ids or ())]
     # the sampler is a few kernel launches on a GPU, not host work: stub it with fixed ids
     runner.sampler = lambda logits, *_: SamplerOutput((torch.arange(len(logits)) * 7) % (VOCAB - 12) + 3, None)
+    if args.workload:
+        return time_workload(llm, args.workload, args.profile)
     rng = random.Random(0)
     prompts = [[rng.randint(3, VOCAB - 12) for _ in range(64)] for _ in range(args.rows)]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps)
@@ -61,6 +66,29 @@ def main() -> None:
     if args.profile:
         with cProfile.Profile() as prof:
             llm.generate(prompts, params, use_tqdm=False)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    llm.exit()
+
+
+def time_workload(llm: LLM, name: str, profile: bool) -> None:
+    """The host's seconds for a whole bench.py workload (its requests, ids folded into VOCAB):
+    intake, scheduling, step inputs and output bookkeeping, none of it hidden by a device."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import bench
+    workload = bench.fit_to_vocab(bench.make_workload(bench.WORKLOADS[name]), VOCAB - 12)
+    spec = workload.spec
+    extra = ({"n": spec.n} if spec.n != 1 else {}) | ({"top_p": spec.top_p} if spec.top_p != 1 else {})
+    params = [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
+              for m in workload.max_tokens]
+    llm.generate(workload.prompt_token_ids[:8], params[:8], use_tqdm=False)
+    with cProfile.Profile() if profile else contextlib.nullcontext() as prof:
+        start = time.perf_counter()
+        llm.generate(workload.prompt_token_ids, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+    prompt_tokens, output_tokens, requests = workload.totals
+    print(f"{name}: {seconds:.2f} s host-only for {requests} requests, {prompt_tokens:,} prompt and "
+          f"{output_tokens:,} output tokens")
+    if profile:
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     llm.exit()
 
