@@ -338,6 +338,20 @@ def count_output_tokens(output: dict) -> int:
     return sum(len(s["token_ids"]) for s in samples)
 
 
+def nanovllm_params(workload: Workload, structured: dict | None = None) -> list:
+    """The workload's requests as nanovllm SamplingParams (its settings, each request's max_tokens)."""
+    from nanovllm import SamplingParams
+    spec, extra = workload.spec, {}
+    if spec.n != 1:
+        extra["n"] = spec.n
+    if spec.top_p != 1.0:
+        extra["top_p"] = spec.top_p
+    if structured is not None:
+        extra["structured_outputs"] = structured
+    return [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
+            for m in workload.max_tokens]
+
+
 class NanoRunner:
     """nanovllm.LLM; `prepare` builds the requests so the clock covers only `generate`.
 
@@ -354,16 +368,7 @@ class NanoRunner:
         self.llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
 
     def prepare(self, workload: Workload, structured: dict | None = None) -> Callable[[], int]:
-        from nanovllm import SamplingParams
-        spec, extra = workload.spec, {}
-        if spec.n != 1:
-            extra["n"] = spec.n
-        if spec.top_p != 1.0:
-            extra["top_p"] = spec.top_p
-        if structured is not None:
-            extra["structured_outputs"] = structured
-        params = [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
-                  for m in workload.max_tokens]
+        params = nanovllm_params(workload, structured)
 
         def run() -> int:
             outputs = self.llm.generate(workload.prompt_token_ids, params, use_tqdm=False)

@@ -76,10 +76,7 @@ def time_workload(llm: LLM, name: str, profile: bool) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import bench
     workload = bench.fit_to_vocab(bench.make_workload(bench.WORKLOADS[name]), VOCAB - 12)
-    spec = workload.spec
-    extra = ({"n": spec.n} if spec.n != 1 else {}) | ({"top_p": spec.top_p} if spec.top_p != 1 else {})
-    params = [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
-              for m in workload.max_tokens]
+    params = bench.nanovllm_params(workload)
     llm.generate(workload.prompt_token_ids[:8], params[:8], use_tqdm=False)
     with cProfile.Profile() if profile else contextlib.nullcontext() as prof:
         start = time.perf_counter()
