@@ -14,11 +14,14 @@ makes numbers comparable) never depend on what else runs.
   | chat          | 4,096         | 20-200                                  | 16-128        | temperature 0.6        | -                          | 448,860 / 292,749         |
   | sampling-n    | 128 prompts   | 100-1,024                               | 64-512 each   | n=4, temperature 0.8,  | -                          | 76,979 / 141,800          |
   |               |               |                                         |               | top_p 0.95             |                            |                           |
+  | prefill       | 1,024         | 256-2,048                               | 1-16          | temperature 0.6        | -                          | 1,170,963 / 8,492         |
 
 reference: nano-vLLM's own bench.py (random.seed(0): all prompts drawn first, then every max_tokens).
 shared-prefix: more requests than max_num_seqs, so admission goes on while hundreds decode; prefix-cache hits.
 pressure: the KV cache holds only part of the batch: preemption and recompute. long: 2-3k-token contexts.
 chat: many short turns. sampling-n: n=4 samples per prompt share the prompt's KV blocks.
+prefill: labelling or scoring, long prompts and a few output tokens: bound by prompt processing, so
+its records also give prompt tokens/s (output tok/s still compares versions: the tokens are fixed).
 All fit max_model_len=4096. `--workload all` runs them in one process, one engine per distinct engine
 setting (pressure gets its own). Throughput = output tokens / wall seconds of one timed `generate`;
 one warmup call per engine, and a miniature of each workload before it, are dropped.
@@ -87,6 +90,8 @@ WORKLOADS = {s.name: s for s in (
     WorkloadSpec("chat", 104, 4096, (20, 200), (16, 128), summary="many short turns"),
     WorkloadSpec("sampling-n", 105, 128, (100, 1024), (64, 512), n=4, temperature=0.8, top_p=0.95,
                  summary="n=4 samples per prompt, temperature 0.8, top_p 0.95"),
+    WorkloadSpec("prefill", 106, 1024, (256, 2048), (1, 16),
+                 summary="long prompts, a few output tokens each (labelling, scoring): prompt-bound"),
 )}
 # (prompt tokens, output tokens, requests) of each full-size workload: the checksums, also in the docstring
 WORKLOAD_TOTALS = {
@@ -96,6 +101,7 @@ WORKLOAD_TOTALS = {
     "long": (162_810, 49_114, 64),
     "chat": (448_860, 292_749, 4096),
     "sampling-n": (76_979, 141_800, 128),
+    "prefill": (1_170_963, 8_492, 1024),
 }
 
 # Latency probes (--json, on the reference workload's engine). Fresh prompts: no prefix-cache hit shortens a prefill.
@@ -684,20 +690,20 @@ def run_workload(args, runner, workload: Workload) -> dict:
         structured_outputs(args.structured, workload, runner.max_token_chars())
     timing = timed_generate(runner, workload, structured)
     throughput = timing.num_output_tokens / timing.seconds
-    expected = workload.totals[1]
+    prompt_tokens, expected, requests = workload.totals
     print(f"[{workload.spec.name}] Total: {timing.num_output_tokens}tok, Time: {timing.seconds:.2f}s, "
-          f"Throughput: {throughput:.2f}tok/s")
+          f"Throughput: {throughput:.2f}tok/s, prompts {prompt_tokens / timing.seconds:.0f}tok/s")
     if args.structured != "none":
         print(f"[{workload.spec.name}] structured {args.structured}: generated {timing.num_output_tokens} tokens, "
               f"{expected} unconstrained")
     if timing.num_output_tokens != expected:
         print(f"WARNING: [{workload.spec.name}] generated {timing.num_output_tokens} tokens, the workload asks for "
               f"{expected}", file=sys.stderr)
-    prompt_tokens, output_tokens, requests = workload.totals
     spec = workload.spec
-    return {"throughput_tok_s": throughput, "time_s": timing.seconds, "total_output_tokens": timing.num_output_tokens,
+    return {"throughput_tok_s": throughput, "prompt_throughput_tok_s": prompt_tokens / timing.seconds,
+            "time_s": timing.seconds, "total_output_tokens": timing.num_output_tokens,
             "workload": {"seed": spec.seed, "requests": requests, "prompt_tokens": prompt_tokens,
-                         "output_tokens": output_tokens, "prefix_len": spec.prefix_len, "prompt_len": spec.prompt_len,
+                         "output_tokens": expected, "prefix_len": spec.prefix_len, "prompt_len": spec.prompt_len,
                          "output_len": spec.output_len, "n": spec.n, "temperature": spec.temperature,
                          "top_p": spec.top_p, "ignore_eos": True, "structured": structured,
                          "full_size": is_full_size(args, workload), "checksum": WORKLOAD_TOTALS[spec.name]}}

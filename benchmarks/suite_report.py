@@ -42,6 +42,9 @@ def table(runs: dict[str, dict[str, dict]]) -> list[str]:
         b, n = base.get("throughput_tok_s"), new.get("throughput_tok_s")
         scaled = "" if new.get("workload", {}).get("full_size", True) else " (scaled)"
         rows.append(f"| {workload}{scaled} | {fmt(b)} | {fmt(n)} | {ratio(n, b)} |")
+        if workload == "prefill":  # prompt-bound: its prompt tokens/s is the figure a user reads
+            b, n = base.get("prompt_throughput_tok_s"), new.get("prompt_throughput_tok_s")
+            rows.append(f"| {workload}, prompt tokens/s | {fmt(b)} | {fmt(n)} | {ratio(n, b)} |")
         for label, run in by_label.items():
             if label.startswith("structured-"):
                 s = run.get("throughput_tok_s")
