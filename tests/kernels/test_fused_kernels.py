@@ -57,9 +57,10 @@ def test_rmsnorm_on_strided_heads(device):
 
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_qk_norm_rope_matches_torch(device, dtype, qk_norm):
+@pytest.mark.parametrize("num_tokens", [6, 37])  # one token tile; several, the last one ragged
+def test_qk_norm_rope_matches_torch(device, dtype, qk_norm, num_tokens):
     torch.manual_seed(2)
-    num_tokens, heads, kv_heads, head_dim = 6, 4, 2, 32
+    heads, kv_heads, head_dim = 4, 2, 32
     rope = RotaryEmbedding(head_dim, 512, 10000.0).to(device)
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype) * 2
     q = qkv[:, :heads * head_dim].view(num_tokens, heads, head_dim)
@@ -75,19 +76,22 @@ def test_qk_norm_rope_matches_torch(device, dtype, qk_norm):
 
 
 @pytest.mark.parametrize("device,dtype", CASES)
-def test_qk_norm_rope_stores_what_store_kv_stores(device, dtype):
+@pytest.mark.parametrize("num_tokens", [6, 37])
+def test_qk_norm_rope_stores_what_store_kv_stores(device, dtype, num_tokens):
     # the fused store writes the returned (rotated) k and the given v where store_kv would,
     # bit for bit, and nothing for slot -1
     torch.manual_seed(4)
-    num_tokens, heads, kv_heads, head_dim, block_size = 6, 4, 2, 32, 4
+    heads, kv_heads, head_dim, block_size = 4, 2, 32, 4
     rope = RotaryEmbedding(head_dim, 512, 10000.0).to(device)
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, device=device, dtype=dtype)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))
     positions = torch.randint(0, 512, (num_tokens,), device=device)
-    slots = torch.tensor([5, 0, -1, 11, 2, 7], device=device)
+    slots = torch.randperm(num_tokens + 4, device=device)[:num_tokens]
+    slots[2] = -1
     w = torch.randn(head_dim, device=device, dtype=dtype)
-    caches = [torch.randn(3, block_size, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)]
+    caches = [torch.randn(num_tokens // block_size + 2, block_size, kv_heads, head_dim, device=device, dtype=dtype)
+              for _ in range(2)]
     expected = [c.clone() for c in caches]
     oq, ok = qk_norm_rope(q, k, positions, rope.cos, rope.sin, w, w, 1e-6, store=(v, *caches, slots))
     store_kv(ok, v, *expected, slots)
