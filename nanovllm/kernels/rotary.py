@@ -11,10 +11,11 @@ import triton
 import triton.language as tl
 
 
-# Tokens per program: one (token, head) per program left prefill steps of thousands of tokens at
-# ~1.1 TB/s on an H100 (each program moved 256 bytes); a tile of BLOCK_T tokens of one head is
-# enough work per program to stream the bytes.
-BLOCK_T = 16
+# Tokens per program. One (token, head) per program left prefill steps of thousands of tokens at
+# ~1.1 TB/s on an H100 (each program moved 256 bytes); tiles of 16 tokens of one head ran 2.1x
+# faster at 4,096-16,384 tokens and 1.5x at 256, but 0.2-0.5 us slower (one warp against four)
+# up to 64 tokens, where decode steps sit (H100, CUDA graphs of 20 calls; docs/benchmarks.md).
+LARGE_TILE_FROM = 128   # tokens
 
 
 @triton.jit
@@ -94,13 +95,14 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos:
         if store is not None:
             assert k_cache.dtype == k.dtype and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
             assert v.stride(-1) == 1 and slots.shape[0] == num_tokens
-        _qk_norm_rope_kernel[(triton.cdiv(num_tokens, BLOCK_T), num_q_heads + num_kv_heads)](
+        block_t, warps = (16, 4) if num_tokens >= LARGE_TILE_FROM else (1, 1)
+        _qk_norm_rope_kernel[(triton.cdiv(num_tokens, block_t), num_q_heads + num_kv_heads)](
             q, k, q_out, k_out, q_weight if has_norm else cos, k_weight if has_norm else cos, cos, sin, positions,
             v, k_cache, v_cache, slots,
             num_tokens, num_q_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0), eps,
             v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(-2),
             HALF=head_dim // 2, BLOCK=triton.next_power_of_2(head_dim // 2), HAS_NORM=has_norm,
-            STORE=store is not None, BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, BLOCK_T=BLOCK_T,
-            num_warps=4)
+            STORE=store is not None, BLOCK_SIZE=k_cache.shape[1] if store is not None else 1, BLOCK_T=block_t,
+            num_warps=warps)
     return q_out, k_out
