@@ -239,8 +239,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            num_splits: int | None = None, max_context_len: int | None = None,
                            k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                           units: torch.Tensor | None = None,
-                           shared_lens: torch.Tensor | None = None) -> torch.Tensor:
+                           units: torch.Tensor | None = None, shared_lens: torch.Tensor | None = None,
+                           out: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence (its last position) over its paged keys; ctx-0 rows get zeros.
 
     num_splits: key splits per sequence; by default chosen by `choose_num_splits` from the
@@ -249,7 +249,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (see `nanovllm.kernels.fp8`). units [num_seqs, unit size] int32 and shared_lens [num_seqs]
     int32: the sequences grouped as `AttentionMetadata.decode_units` describes, in the order
     their programs start (longest first balances the SMs); a unit's first shared_lens[u] keys
-    are read once for all its members. The output stays in batch order.
+    are read once for all its members. The output stays in batch order, in `out` when given
+    (q's shape, head_dim contiguous).
     """
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -262,7 +263,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert units is None or (units.shape[0] == num_seqs and units.stride(1) == 1 and unit_size * group <= block_g), \
         "a unit's query heads must fit the query tile (see decode_unit_size)"
     q = rows_contiguous(q)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
+    assert out.shape == q.shape and out.stride(-1) == 1
     if num_seqs == 0:
         return out
     if num_splits is None:

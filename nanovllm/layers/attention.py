@@ -42,14 +42,15 @@ class Attention(nn.Module):
             d = meta.num_decodes
             out = torch.empty_like(q) if out is None else out
             for rows, part in ((slice(None, d), meta.split[0]), (slice(d, None), meta.split[1])):
-                out[rows] = self._backend_forward(q[rows], k[rows], v[rows], part)
+                self._backend_forward(q[rows], k[rows], v[rows], part, out[rows])
             return out
-        result = self._backend_forward(q, k, v, meta)
-        if out is None:
+        return self._backend_forward(q, k, v, meta, out)
+
+    def _backend_forward(self, q, k, v, meta: AttentionMetadata, out: torch.Tensor | None) -> torch.Tensor:
+        """The backend's result, in `out` when given (backends write there when they can)."""
+        result = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale,
+                                      self.v_scale, out=out)
+        if out is None or result.data_ptr() == out.data_ptr():
             return result
         out.copy_(result)
         return out
-
-    def _backend_forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale,
-                                    self.v_scale)

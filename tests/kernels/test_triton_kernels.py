@@ -282,7 +282,10 @@ def make_step(q_lens: list[int], k_lens: list[int], batch: PagedBatch, pad_seqs:
 
 
 def check_backend(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-                  block_size: int, dtype: torch.dtype, device: torch.device, pad_seqs: int = 0) -> None:
+                  block_size: int, dtype: torch.dtype, device: torch.device, pad_seqs: int = 0,
+                  backend=None) -> None:
+    """`backend` (default TritonBackend) against TorchBackend: the cache it writes, its output, and
+    the same output when the layer hands it a buffer to write into."""
     batch = PagedBatch(k_lens, block_size, num_kv_heads, head_dim, dtype, device)
     meta = make_step(q_lens, k_lens, batch, pad_seqs)
     num_tokens = meta.slot_mapping.shape[0]
@@ -290,16 +293,20 @@ def check_backend(q_lens: list[int], k_lens: list[int], num_heads: int, num_kv_h
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1)
     q, k, v = (x.view(num_tokens, -1, head_dim) for x in (q, k, v))
     scale = head_dim ** -0.5
+    tested = backend or TritonBackend(block_size=block_size, max_model_len=max(k_lens))
     caches = {}
-    for backend in (TorchBackend(), TritonBackend(block_size=block_size, max_model_len=max(k_lens))):
+    for b in (TorchBackend(), tested):
         k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-        backend.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = backend.forward(q, k, v, k_cache, v_cache, meta, scale)
-        caches[backend.name] = (k_cache, v_cache, out)
-    assert torch.equal(caches["triton"][0], caches["torch"][0]) and torch.equal(caches["triton"][1], caches["torch"][1])
-    assert_close(caches["triton"][2], caches["torch"][2], dtype)
+        b.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = b.forward(q, k, v, k_cache, v_cache, meta, scale)
+        caches[b.name] = (k_cache, v_cache, out)
+    k_cache, v_cache, out = caches[tested.name]
+    assert torch.equal(k_cache, caches["torch"][0]) and torch.equal(v_cache, caches["torch"][1])
+    assert_close(out, caches["torch"][2], dtype)
     if pad_seqs:
-        assert (caches["triton"][2][-pad_seqs:] == 0).all()
+        assert (out[-pad_seqs:] == 0).all()
+    buffer = torch.full_like(q, float("nan"))
+    assert torch.equal(tested.forward(q, k, v, k_cache, v_cache, meta, scale, out=buffer), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -383,6 +390,21 @@ def test_cuda_backend(block_size, mark):
     check_backend([1024, 100, 1, 1], [1024, 1500, 900, 2], **QWEN3, block_size=block_size,
                   dtype=torch.bfloat16, device=GPU)
     check_backend_uncached([2048, 1000, 1, 77], **QWEN3, dtype=torch.bfloat16, device=GPU)
+
+
+@pytest.mark.parametrize("mark", [pytest.param(None, marks=cuda_only)])
+def test_cuda_flash_backend(mark):
+    # flash-attn's varlen kernels for prefill (called directly for its 2.8 releases), ours for decode
+    pytest.importorskip("flash_attn")
+    from nanovllm.layers.backends.flash import FlashBackend
+    flash = FlashBackend(block_size=256, max_model_len=2048)
+    k_lens = torch.randint(1, 2049, (64,)).tolist()
+    check_backend([1] * 64, k_lens, **QWEN3, block_size=256, dtype=torch.bfloat16, device=GPU, pad_seqs=8,
+                  backend=flash)
+    check_backend([1024, 100, 1, 1], [1024, 1500, 900, 2], **QWEN3, block_size=256, dtype=torch.bfloat16,
+                  device=GPU, backend=flash)
+    check_backend([700, 1, 33], [700, 1, 33], **QWEN3, block_size=256, dtype=torch.bfloat16, device=GPU,
+                  backend=flash)  # fresh prompts only: attends to the step's own k/v
 
 
 @pytest.mark.parametrize("mark", [pytest.param(None, marks=cuda_only)])

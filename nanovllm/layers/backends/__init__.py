@@ -2,8 +2,10 @@
 never imports triton or flash_attn.
 
 Every backend has `name`, `store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)` and
-`forward(q, k, v, k_cache, v_cache, meta, scale, k_scale, v_scale) -> out`; `torch` is the
-reference. k_scale/v_scale are the fp8 cache's per-token scales, None for other caches.
+`forward(q, k, v, k_cache, v_cache, meta, scale, k_scale, v_scale, out=None) -> result`; `torch`
+is the reference. k_scale/v_scale are the fp8 cache's per-token scales, None for other caches.
+`out` is where the result may go: a backend writes there when its kernel can (saving a copy)
+and returns what it wrote; `Attention` copies any other result in.
 """
 import importlib
 import importlib.util

@@ -91,7 +91,7 @@ class TorchBackend:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
-                v_scale=None) -> torch.Tensor:
+                v_scale=None, out=None) -> torch.Tensor:  # NOTE: a new tensor always (the layer copies)
         if k_cache.numel() == 0:  # warmup before the cache exists: plain causal prefill
             return self._forward_uncached(q, k, v, meta, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,

@@ -37,15 +37,15 @@ class TritonBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
+                v_scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim] (decode: in `out`)."""
         if k_cache.numel() == 0:  # warmup before the cache exists: plain causal prefill
             return self._forward_uncached(q, k, v, meta, scale)
         if meta.is_decode:
             return paged_decode_attention(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale,
                                           num_splits=self.num_decode_splits, max_context_len=self.max_model_len,
                                           k_scale=k_scale, v_scale=v_scale, units=meta.decode_units,
-                                          shared_lens=meta.decode_shared_lens)
+                                          shared_lens=meta.decode_shared_lens, out=out)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, meta.max_seqlen_q, scale, k_scale, v_scale)
 
