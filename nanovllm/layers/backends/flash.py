@@ -16,11 +16,12 @@ except ImportError as e:  # resolve_backend checks first; this guards direct imp
 def _compiled_varlen_forward():
     """flash-attn's compiled varlen forward, called directly: `flash_attn_varlen_func` goes
     through autograd and torch.library dispatch, ~0.1 ms of host time a call (cProfile, H100
-    host; 28 calls a mixed step), and cannot write into a given output. Only for the 2.8
-    releases, whose argument list this file follows; others get the public function."""
+    host; 28 calls a mixed step), and cannot write into a given output. Only the CUDA build
+    of the 2.8 releases, whose argument list this file follows; others get the public function."""
     if tuple(map(int, flash_attn.__version__.split(".")[:2])) != (2, 8):
         return None
-    return getattr(getattr(flash_attn, "flash_attn_interface", None), "flash_attn_gpu", None)
+    compiled = getattr(getattr(flash_attn, "flash_attn_interface", None), "flash_attn_gpu", None)
+    return compiled if getattr(compiled, "__name__", None) == "flash_attn_2_cuda" else None
 
 
 _FLASH_GPU = _compiled_varlen_forward()
