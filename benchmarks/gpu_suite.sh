@@ -13,10 +13,11 @@
 # Device call: carry [".base", ".whl"] (.whl: the flash-attn wheel, plus e.g. xgrammar's), then
 #   bash benchmarks/gpu_suite.sh --baseline .base --wheels .whl
 #
-# Time on one H200 (each workload's seconds from issue #16's tok/s at 4817b4b; + ~15 s to start
-# each process): reference 7 s (+ ~5 s probes), shared-prefix 21 s, pressure 44 s, long 7 s,
-# chat ~20 s, sampling-n ~8 s: ~115 s a package, ~7.5 min in all with --baseline and setup.
-# --quick runs every workload at a quarter of its requests (~4 min); --tests adds ~5 min.
+# Time on one H100 (2026-12-06, a fresh machine, --baseline 4817b4b): every workload but
+# pressure's baseline took 473 s with setup (reference ~35 s a package with its probes,
+# shared-prefix ~35-40, chat ~30, sampling-n ~30, prefill ~28, long ~28, pressure ~70), so
+# all seven with a baseline need ~9.5 min: split them over two calls (--workloads).
+# --quick runs every workload at a quarter of its requests; --tests adds ~5 min.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
