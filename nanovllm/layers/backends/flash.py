@@ -31,7 +31,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                      block_table=None, out=None) -> torch.Tensor:
     """Causal varlen attention (paged when block_table is given); the result, in `out` when
     flash-attn could write it there (the caller checks)."""
-    if _FLASH_GPU is None:
+    if _FLASH_GPU is None or q.shape[-1] % 8:  # NOTE: the public function pads other head sizes
         return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       softmax_scale=scale, causal=True, block_table=block_table)
     out = torch.empty_like(q) if out is None else out
