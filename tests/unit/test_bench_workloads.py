@@ -1,5 +1,6 @@
 """bench.py's workloads: the reference draws stay nano-vLLM's, every workload's totals stay its checksum,
 and `--help` documents each one. CPU only, no model."""
+import os
 import random
 import subprocess
 import sys
@@ -176,3 +177,34 @@ def test_warmup_is_a_miniature_that_shares_no_prompt_block(name, vocab_size):
         assert all(a != b for a, b in zip(real, mini))
         assert max(mini) <= max(ids)  # within the (folded) vocabulary
     assert warm.prompt_token_ids[0][:warm.spec.prefix_len] == warm.prompt_token_ids[-1][:warm.spec.prefix_len]
+
+
+def test_records_give_prompt_throughput_and_the_report_a_prefill_row(tmp_path, monkeypatch):
+    """Every record carries prompt tokens/s; the suite report adds it as a row for the
+    prompt-bound prefill workload (its output tok/s alone says little to a user)."""
+    import json
+    import time
+    monkeypatch.syspath_prepend(os.path.join(bench.HERE, "benchmarks"))
+    import suite_report
+
+    class Runner:  # the workload's tokens after a pause: no model needed
+        def __init__(self, pause: float):
+            self.pause = pause
+
+        def prepare(self, workload, structured=None):
+            def run():
+                time.sleep(self.pause)
+                return workload.totals[1]
+            return run
+
+    args = bench.parse_args(["--workload", "prefill", "--scale", "0.01", "--device", "cpu"])
+    workload = bench.build_workloads(args)["prefill"]
+    records = {}
+    for label, pause in (("base", 0.04), ("new", 0.02)):
+        record = bench.run_workload(args, Runner(pause), workload)
+        assert record["prompt_throughput_tok_s"] == pytest.approx(workload.totals[0] / record["time_s"])
+        records[label] = record
+        (tmp_path / f"prefill.{label}.json").write_text(json.dumps({"workloads": {"prefill": record}}))
+    rows = suite_report.table(suite_report.load_runs(str(tmp_path)))
+    base, new = (records[label]["prompt_throughput_tok_s"] for label in ("base", "new"))
+    assert f"| prefill, prompt tokens/s | {base:,.0f} | {new:,.0f} | {new / base:.2f}x |" in rows
