@@ -152,7 +152,15 @@ def test_sampling_params_accept_only_what_the_sampler_can_run(kwargs):
     token = Sampler()(logits, tensors, torch.Generator().manual_seed(0)).token_ids.item()
     assert 0 < token < VOCAB or params.temperature >= 100, f"token {token}: an overflowed (NaN) distribution"
     if params.top_k > 0:
-        assert token in logits.topk(min(params.top_k, VOCAB)).indices[0].tolist()
+        # top-k comes after HF's repetition penalty over the prompt's ids (no output yet, so no
+        # presence or frequency penalty) and after the ban of EOS and stop ids below min_tokens
+        ranked = logits.clone()[0]
+        seen = torch.tensor(sorted(set(seq.token_ids)))
+        rep = params.repetition_penalty
+        ranked[seen] = torch.where(ranked[seen] > 0, ranked[seen] / rep, ranked[seen] * rep)
+        if params.min_tokens > 0:
+            ranked[sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else {1}))] = float("-inf")
+        assert token in ranked.topk(min(params.top_k, VOCAB)).indices.tolist()
 
 
 # ---- LLM(...) --------------------------------------------------------------------------------
