@@ -691,8 +691,9 @@ def run_workload(args, runner, workload: Workload) -> dict:
     timing = timed_generate(runner, workload, structured)
     throughput = timing.num_output_tokens / timing.seconds
     prompt_tokens, expected, requests = workload.totals
+    prompt_throughput = prompt_tokens / timing.seconds
     print(f"[{workload.spec.name}] Total: {timing.num_output_tokens}tok, Time: {timing.seconds:.2f}s, "
-          f"Throughput: {throughput:.2f}tok/s, prompts {prompt_tokens / timing.seconds:.0f}tok/s")
+          f"Throughput: {throughput:.2f}tok/s, prompts {prompt_throughput:.0f}tok/s")
     if args.structured != "none":
         print(f"[{workload.spec.name}] structured {args.structured}: generated {timing.num_output_tokens} tokens, "
               f"{expected} unconstrained")
@@ -700,7 +701,7 @@ def run_workload(args, runner, workload: Workload) -> dict:
         print(f"WARNING: [{workload.spec.name}] generated {timing.num_output_tokens} tokens, the workload asks for "
               f"{expected}", file=sys.stderr)
     spec = workload.spec
-    return {"throughput_tok_s": throughput, "prompt_throughput_tok_s": prompt_tokens / timing.seconds,
+    return {"throughput_tok_s": throughput, "prompt_throughput_tok_s": prompt_throughput,
             "time_s": timing.seconds, "total_output_tokens": timing.num_output_tokens,
             "workload": {"seed": spec.seed, "requests": requests, "prompt_tokens": prompt_tokens,
                          "output_tokens": expected, "prefix_len": spec.prefix_len, "prompt_len": spec.prompt_len,
