@@ -9,11 +9,18 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0).to(tl.float32)
-    dtype = out_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + width + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in `dtype`, rounded as F.silu(gate) * up rounds (shared with the skinny
+    GEMM, which applies it as it reads its input: both give the same bits)."""
+    gate, up = gate.to(tl.float32), up.to(tl.float32)
     act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)  # rounded like F.silu's output
-    tl.store(out_ptr + row * stride_out + cols, (act * up).to(dtype), mask=mask)
+    return (act * up).to(dtype)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.activation import silu_mul
+
 
 class SkinnyConfig(NamedTuple):
     block_n: int  # rows of W (outputs) per program
@@ -51,8 +53,9 @@ def skinny_config(n: int, k: int) -> SkinnyConfig:
 @triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, k_per_split, stride_xm, stride_wn, stride_os, stride_om,
                         M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
     # program (n-block, split): out[split, m, n-block] = x[m, k-range] . W[n-block, k-range]
+    # GATED: x[m] is [gate | up] (2K wide) and its k-th input is silu(gate[k]) * up[k]
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k_start = tl.program_id(1) * k_per_split
@@ -67,10 +70,15 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, k_per_split, stride_
             if EVEN_K:  # every chunk is whole: no k mask, so loads stay 16-byte vectors
                 w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)
                 x = tl.load(x_ptr + m * stride_xm + offs_k)
+                if GATED:
+                    x = silu_mul(x, tl.load(x_ptr + m * stride_xm + K + offs_k), x_ptr.dtype.element_ty)
             else:
                 k_mask = offs_k < k_end
                 w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
                 x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_mask, other=0.0)
+                if GATED:
+                    up = tl.load(x_ptr + m * stride_xm + K + offs_k, mask=k_mask, other=0.0)
+                    x = silu_mul(x, up, x_ptr.dtype.element_ty)
             acc2d += w.to(tl.float32) * x.to(tl.float32)[None, :]
         acc = tl.sum(acc2d, axis=1)
         if HAS_BIAS:
@@ -93,13 +101,15 @@ def _split_k_reduce_kernel(part_ptr, b_ptr, y_ptr, N, MN, SPLIT_K: tl.constexpr,
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None) -> torch.Tensor:
+                  config: SkinnyConfig | None = None, gated: bool = False) -> torch.Tensor:
     """x [M, K] (any M; faster than cuBLAS at M = 1), weight [N, K] (rows contiguous) -> [M, N] in x's dtype.
 
     config: tiles and launch parameters (default: `skinny_config(N, K)`); the benchmark's sweep passes its own.
+    gated: x is [M, 2K] = [gate | up] and the product's input silu(gate) * up (SwiGLU): the same
+    bits as `silu_and_mul` then this, without that kernel's launch.
     """
     x = x if x.stride(1) == 1 else x.contiguous()
-    num_rows, k = x.shape
+    num_rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     y = torch.empty(num_rows, n, dtype=x.dtype, device=x.device)
     if not num_rows:
@@ -117,7 +127,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_gemm_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, weight, b, out, n, k, k_per_split, x.stride(0), weight.stride(0), num_rows * n, n,
         M=num_rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        HAS_BIAS=direct and bias is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_BIAS=direct and bias is not None, GATED=gated, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if not direct:
         _split_k_reduce_kernel[(triton.cdiv(num_rows * n, REDUCE_BLOCK),)](
             out, b, y, n, num_rows * n, SPLIT_K=split_k, BLOCK=REDUCE_BLOCK, HAS_BIAS=bias is not None, num_warps=4)

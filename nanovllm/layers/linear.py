@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.kernels import fused_kernels_enabled
+from nanovllm.layers.activation import silu_and_mul
 from nanovllm.utils.loader import check_shape
 from nanovllm.utils.loader import default_weight_loader as _copy
 from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
@@ -19,11 +20,13 @@ from nanovllm.utils.parallel import all_reduce, divide, tp_rank, tp_size
 SKINNY_MAX_ROWS = 1  # the rows up to which kernels/skinny_gemm.py beat cuBLAS on the H200
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           gated: bool = False) -> torch.Tensor:
+    """x W^T + b. `gated`: x is [gate | up] and the product's input silu(gate) * up (SwiGLU)."""
     if x.shape[0] <= SKINNY_MAX_ROWS and fused_kernels_enabled(x):  # batch-1 decode: bound by reading W
         from nanovllm.kernels.skinny_gemm import skinny_linear
-        return skinny_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return skinny_linear(x, weight, bias, gated=gated)  # NOTE: gated, one launch less
+    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -125,6 +128,7 @@ class RowParallelLinear(LinearBase):
         check_shape(loaded, (param.shape[0], size * tp_size()))
         _copy(param, loaded.narrow(1, tp_rank() * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight))
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """`gated`: x is [gate | up], the layer's input silu(gate) * up (see `linear`)."""
+        y = all_reduce(linear(x, self.weight, gated=gated))
         return y + self.bias if self.bias is not None else y

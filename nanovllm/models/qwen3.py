@@ -12,7 +12,6 @@ from torch import nn
 
 from nanovllm.config import ModelConfig
 from nanovllm.kernels import fused_kernels_enabled
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -79,10 +78,10 @@ class Qwen3MLP(nn.Module):
         size = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # the SwiGLU gate, silu(gate) * up, is applied by the down projection as it reads its input
+        return self.down_proj(self.gate_up_proj(x), gated=True)
 
 
 class Qwen3DecoderLayer(nn.Module):

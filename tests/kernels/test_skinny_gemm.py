@@ -6,6 +6,7 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
 
+from nanovllm.kernels.activation import silu_and_mul
 from nanovllm.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_config, skinny_linear
 
 # K = 72 and 200 leave a ragged last chunk (no EVEN_K); 200 in 32-column chunks is 7 chunks,
@@ -35,6 +36,19 @@ def test_skinny_linear_interpreted(rows, n, k, split_k, bias):
     out = skinny_linear(x, w, b, SkinnyConfig(block_n=8, block_k=32, num_warps=4, num_stages=1, split_k=split_k))
     assert out.shape == (rows, n) and out.dtype == torch.float32
     torch.testing.assert_close(out, exact, atol=1e-4, rtol=1e-4)  # fp32: only the summation order differs
+
+
+@pytest.mark.parametrize("rows,n,k", CPU_CASES)
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_gated_skinny_linear_is_silu_and_mul_then_the_product(rows, n, k, split_k):
+    """The SwiGLU gate applied while reading x gives the same bits as its own kernel first."""
+    torch.manual_seed(1)
+    x = torch.randn(rows, 2 * k) * 3
+    w = torch.randn(n, k) * 0.05
+    cfg = SkinnyConfig(block_n=8, block_k=32, num_warps=4, num_stages=1, split_k=split_k)
+    gated = skinny_linear(x, w, config=cfg, gated=True)
+    assert gated.shape == (rows, n)
+    assert torch.equal(gated, skinny_linear(silu_and_mul(x), w, config=cfg))
 
 
 def test_skinny_linear_zero_rows():
@@ -83,3 +97,11 @@ def test_split_k_is_deterministic_and_graph_capturable():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(captured, eager)  # same split order every run: bit-identical sums
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n,k", [(1024, 3072), (1000, 1000)])
+def test_gated_skinny_linear_cuda_bf16(n, k):
+    x = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16) * 3
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    assert torch.equal(skinny_linear(x, w, gated=True), skinny_linear(silu_and_mul(x), w))
