@@ -25,7 +25,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x W^T + b. `gated`: x is [gate | up] and the product's input silu(gate) * up (SwiGLU)."""
     if x.shape[0] <= SKINNY_MAX_ROWS and fused_kernels_enabled(x):  # batch-1 decode: bound by reading W
         from nanovllm.kernels.skinny_gemm import skinny_linear
-        return skinny_linear(x, weight, bias, gated=gated)  # NOTE: gated, one launch less
+        return skinny_linear(x, weight, bias, gated=gated)  # gated: no silu_and_mul launch of its own
     return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
