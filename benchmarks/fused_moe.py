@@ -13,6 +13,8 @@ random routing and on crafted loads (all tokens on one expert; 8 experts busy, 1
 Usage (GPU machine, < 2 min): python benchmarks/fused_moe.py [--batches 1 16 64 256 512 4096]
   --sweep: also time a few other tile configs per batch size (adds ~1 min) and print the best.
   --sweep-down: also time other tiles for the down GEMM alone (block_m stays the table's).
+  --padding: also time each batch as a decode CUDA graph runs it, padded to the next captured
+    size, with the padding rows routed as their stale tokens pick and routed nowhere (the engine).
 """
 import argparse
 import statistics
@@ -23,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
 
+from nanovllm.engine.cuda_graph import graph_batch_sizes  # noqa: E402
 from nanovllm.kernels.fused_moe import MoeTiles, fused_experts, tiles_for  # noqa: E402
 from nanovllm.layers.fused_moe import FusedMoE, Routing, fused_experts_reference, select_experts  # noqa: E402
 
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="also time the SWEEP tile configs")
     p.add_argument("--sweep-down", action="store_true",
                    help="also time the DOWN_SWEEP tiles for the down GEMM (gate/up keeping the table's)")
+    p.add_argument("--padding", action="store_true",
+                   help="also time each batch padded to its decode-graph size, padding routed or not")
     return p.parse_args(argv)
 
 
@@ -67,8 +72,9 @@ class Layer(torch.nn.Module):
         for p in self.parameters():  # std 0.02 (HF's init): router logits ~N(0, 0.8), a realistic spread
             p.data.normal_(0.0, 0.02)
 
-    def forward(self, x: torch.Tensor, tiles: MoeTiles | None = None, down: MoeTiles | None = None) -> torch.Tensor:
-        routing = select_experts(self.gate(x), self.experts.top_k, renormalize=True)
+    def forward(self, x: torch.Tensor, tiles: MoeTiles | None = None, down: MoeTiles | None = None,
+                slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+        routing = select_experts(self.gate(x), self.experts.top_k, renormalize=True, slot_mapping=slot_mapping)
         return fused_experts(x, self.experts.gate_up_proj, self.experts.down_proj, routing.weights, routing.ids,
                              tiles, down)
 
@@ -104,11 +110,11 @@ def check(layer: Layer, num_tokens: int, args) -> float:
 
 
 def time_graph(layers: list[Layer], x: torch.Tensor, tiles: MoeTiles | None, reps: int,
-               down: MoeTiles | None = None) -> float:
+               down: MoeTiles | None = None, slot_mapping: torch.Tensor | None = None) -> float:
     """Median seconds per layer, replaying all layers in one CUDA graph."""
     def run():
         for layer in layers:
-            layer(x, tiles, down)
+            layer(x, tiles, down, slot_mapping)
     run()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -167,6 +173,15 @@ def main(argv=None) -> int:
             for s, t in time_each(layers, x, DOWN_SWEEP, args.reps, f"down sweep bs={bs:4d}", down=True):
                 print(f"  down sweep bs={bs:4d} (N, K, warps, stages) {tuple(t)[1:]}: {s * 1e6:8.1f} us "
                       f"(table: {seconds * 1e6:.1f})")
+        if args.padding:
+            padded = next(s for s in graph_batch_sizes(512) if s >= bs)
+            xp = torch.randn(padded, args.hidden, device="cuda", dtype=torch.bfloat16)
+            slots = torch.arange(padded, device="cuda")
+            slots[bs:] = -1
+            routed = time_graph(layers, xp, None, args.reps)
+            nowhere = time_graph(layers, xp, None, args.reps, slot_mapping=slots)
+            print(f"  padding bs={bs:4d} -> graph {padded:4d}: padding routed {routed * 1e6:8.1f} us, "
+                  f"routed nowhere {nowhere * 1e6:8.1f} us ({routed / nowhere:.2f}x)")
         rows.append((bs, touched, seconds, err, best))
     print(f"\n{'batch':>5} {'tiles (M,N,K,warps,stages)':>27} {'MiB touched':>11} {'us/layer':>9} {'TB/s':>6} "
           f"{'x bound':>7} {'TFLOP/s':>7} {'rel err':>8}" + (f" {'best sweep':>34}" if args.sweep else ""))

@@ -74,7 +74,8 @@ class PiecewiseGraphs:
         if i == 0:
             hidden, residual = self.embed(self.input_ids[:n]), None
         else:
-            hidden, residual = self.layers[i - 1].post_attention(self.attn_out[:n], self.residual[:n])
+            hidden, residual = self.layers[i - 1].post_attention(self.attn_out[:n], self.residual[:n],
+                                                                  self.slot_mapping[:n])
         if i == len(self.layers):
             hidden, _ = self.norm(hidden, residual)
             _into(self.hidden[:n], hidden)

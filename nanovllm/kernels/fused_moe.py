@@ -1,6 +1,9 @@
 """Fused mixture-of-experts on CUDA: two grouped GEMMs over expert-aligned blocks.
 
-0. `topk_softmax`: the router's softmax and top-k in one kernel.
+0. `topk_softmax`: the router's softmax and top-k in one kernel. CUDA-graph padding rows
+   (slot -1) are routed to no expert: id `num_experts`, weight 0. Left in, their stale
+   tokens would make the step read up to their experts' weights too (a batch of 17 padded
+   to 32 touches ~112 of Qwen3-30B-A3B's 128 experts instead of ~85).
 1. `align_by_expert`: the num_tokens * top_k (token, expert) pairs, grouped by expert and
    each expert's run padded to a multiple of BLOCK_M, so every BLOCK_M rows share one
    expert: one program at decode sizes, else count, scan, scatter (three kernels). No host
@@ -8,7 +11,8 @@
    rows), so a CUDA graph can capture it.
 2. `_expert_gemm_kernel` (gated): per block, x rows @ the expert's [gate; up]^T, then silu(gate) * up.
 3. `_expert_gemm_kernel`: those rows @ the expert's down^T, times the pair's routing weight.
-4. `_sum_topk_kernel`: each token's top_k rows summed in a fixed order (deterministic).
+4. `_sum_topk_kernel`: each token's top_k rows summed in a fixed order (deterministic); a
+   pair routed to no expert adds nothing (padding rows come out zero).
 Decode is bound by reading the touched experts' weights: BLOCK_M is chosen per batch-size
 bucket (`TILE_TABLE`) so that most experts fill one block and are read once.
 """
@@ -54,13 +58,17 @@ ONE_PROGRAM_PAIRS = 4096   # up to this many pairs (512 tokens at top-8), one pr
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride,
-                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr,
-                         BLOCK_E: tl.constexpr):
-    """Softmax over the experts in float32, then the top k, ties to the lowest expert id."""
+def _topk_softmax_kernel(logits_ptr, slots_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride,
+                         TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, HAS_SLOTS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Softmax over the experts in float32, then the top k, ties to the lowest expert id;
+    rows whose slot is -1 (HAS_SLOTS) get id num_experts and weight 0: no expert."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < num_tokens
+    padding = tl.full((BLOCK_T,), 0, tl.int1)
+    if HAS_SLOTS:
+        padding = tl.load(slots_ptr + rows, mask=row_ok, other=0) < 0
     safe_rows = tl.minimum(rows, num_tokens - 1)  # rows past the end repeat the last one (never stored)
     logits = tl.load(logits_ptr + safe_rows[:, None] * stride + cols[None, :],
                      mask=cols[None, :] < num_experts, other=float("-inf")).to(tl.float32)
@@ -79,11 +87,12 @@ def _topk_softmax_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_exper
         best = tl.max(probs, 1)
         pick = tl.min(tl.where(probs == best[:, None], cols[None, :], BLOCK_E), 1)  # the lowest id of a tie
         probs = tl.where(cols[None, :] == pick[:, None], -1.0, probs)
-        tl.store(weights_ptr + rows * TOP_K + j, best * scale, mask=row_ok)
-        tl.store(ids_ptr + rows * TOP_K + j, pick, mask=row_ok)
+        tl.store(weights_ptr + rows * TOP_K + j, tl.where(padding, 0.0, best * scale), mask=row_ok)
+        tl.store(ids_ptr + rows * TOP_K + j, tl.where(padding, num_experts, pick), mask=row_ok)
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                 slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`layers.fused_moe.select_experts` in one kernel: (weights float32, ids int32), [num_tokens, top_k]."""
     num_tokens, num_experts = router_logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
@@ -92,16 +101,18 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> 
     block_t = max(1, min(16, 4096 // block_e))
     if num_tokens:
         _topk_softmax_kernel[(triton.cdiv(num_tokens, block_t),)](
-            router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
-            TOP_K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e, num_warps=4)
+            router_logits, slot_mapping, weights, ids, num_tokens, num_experts, router_logits.stride(0),
+            TOP_K=top_k, RENORMALIZE=renormalize, HAS_SLOTS=slot_mapping is not None, BLOCK_T=block_t,
+            BLOCK_E=block_e, num_warps=4)
     return weights, ids
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, num_pairs, BLOCK: tl.constexpr):
+def _count_kernel(ids_ptr, counts_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < num_pairs
-    tl.atomic_add(counts_ptr + tl.load(ids_ptr + offs, mask=ok, other=0), 1, mask=ok, sem="relaxed")
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=num_experts)
+    ok = expert < num_experts  # id num_experts: routed to no expert
+    tl.atomic_add(counts_ptr + expert, 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
@@ -130,10 +141,10 @@ def _scan_kernel(counts_ptr, cursor_ptr, block_experts_ptr, num_experts, num_blo
 
 
 @triton.jit
-def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, BLOCK: tl.constexpr):
+def _scatter_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, num_pairs, num_experts, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < num_pairs
-    expert = tl.load(ids_ptr + offs, mask=ok, other=0)
+    expert = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=num_experts)
+    ok = expert < num_experts
     # NOTE: any order within an expert (rows are independent), so relaxed: no fence per atomic
     row = tl.atomic_add(cursor_ptr + expert, 1, mask=ok, sem="relaxed")
     tl.store(pair_ids_ptr + row, offs, mask=ok)
@@ -151,6 +162,7 @@ def _align_one_program_kernel(ids_ptr, cursor_ptr, pair_ids_ptr, block_experts_p
     pairs = tl.arange(0, BLOCK_P)
     ok = pairs < num_pairs
     ids = tl.load(ids_ptr + pairs, mask=ok, other=num_experts)  # past the end: bin num_experts, never placed
+    ok &= ids < num_experts  # routed to no expert (padding): never placed either
     experts = tl.arange(0, BLOCK_E)
     counts = tl.where(experts < num_experts, tl.histogram(ids, BLOCK_E), 0)
     _place_runs(counts, experts, cursor_ptr, block_experts_ptr, num_experts, num_blocks, BLOCK_M, BLOCK_B)
@@ -177,10 +189,10 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> E
     counts = torch.zeros(num_experts, dtype=torch.int32, device=ids.device)
     pair_ids = torch.full((max_rows,), num_pairs, dtype=torch.int32, device=ids.device)
     grid = (triton.cdiv(num_pairs, PAIRS_PER_PROGRAM),)
-    _count_kernel[grid](ids, counts, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
+    _count_kernel[grid](ids, counts, num_pairs, num_experts, BLOCK=PAIRS_PER_PROGRAM)
     _scan_kernel[(1,)](counts, cursor, block_experts, num_experts, len(block_experts), BLOCK_M=block_m,
                        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_B=1024)
-    _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, BLOCK=PAIRS_PER_PROGRAM)
+    _scatter_kernel[grid](ids, cursor, pair_ids, num_pairs, num_experts, BLOCK=PAIRS_PER_PROGRAM)
     return ExpertBlocks(pair_ids, block_experts)
 
 
@@ -241,7 +253,8 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
                   down_tiles: MoeTiles | None = None) -> torch.Tensor:
     """x [num_tokens, hidden], gate_up [E, 2 * inter, hidden], down [E, hidden, inter],
     topk_weights (float32) / topk_ids [num_tokens, top_k] -> [num_tokens, hidden]:
-    sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]). `down_tiles` (default `tiles`)
+    sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]), where id E adds nothing (a
+    CUDA-graph padding row, see `topk_softmax`). `down_tiles` (default `tiles`)
     may differ from `tiles` in all but block_m, which the alignment fixes for both GEMMs."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
@@ -257,25 +270,33 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
     _expert_gemm(x, gate_up, h, blocks, topk_weights, top_k, gated=True, tiles=tiles)
     out = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)    # weighted expert output per pair
     _expert_gemm(h, down, out, blocks, topk_weights.float().contiguous(), 1, gated=False, tiles=down_tiles)
-    return sum_topk(out.view(num_tokens, top_k, hidden))
+    return sum_topk(out.view(num_tokens, top_k, hidden), topk_ids.contiguous(), num_experts)
 
 
 @triton.jit
-def _sum_topk_kernel(src_ptr, out_ptr, hidden, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _sum_topk_kernel(src_ptr, ids_ptr, out_ptr, hidden, num_experts, TOP_K: tl.constexpr, HAS_IDS: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < hidden
-    src = src_ptr + tl.program_id(0).to(tl.int64) * TOP_K * hidden + cols
+    src = src_ptr + token * TOP_K * hidden + cols
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # slot order, in float32: the same sum on every run
-        acc += tl.load(src + k * hidden, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tl.program_id(0).to(tl.int64) * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        routed = ok
+        if HAS_IDS:  # a pair routed to no expert has no row written: skip it
+            expert = tl.load(ids_ptr + token * TOP_K + k + tl.zeros_like(cols), mask=ok, other=num_experts)
+            routed = expert < num_experts
+        acc += tl.load(src + k * hidden, mask=routed, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_topk(pair_out: torch.Tensor) -> torch.Tensor:
-    """[num_tokens, top_k, hidden] -> [num_tokens, hidden], summed in slot order in float32."""
+def sum_topk(pair_out: torch.Tensor, topk_ids: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
+    """[num_tokens, top_k, hidden] -> [num_tokens, hidden], summed in slot order in float32;
+    with `topk_ids`, the slots whose id is >= num_experts (routed to no expert) are left out."""
     num_tokens, top_k, hidden = pair_out.shape
     out = torch.empty(num_tokens, hidden, dtype=pair_out.dtype, device=pair_out.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
-    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](pair_out, out, hidden, TOP_K=top_k,
-                                                                 BLOCK_H=block_h, num_warps=4)
+    _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+        pair_out, topk_ids, out, hidden, num_experts, TOP_K=top_k, HAS_IDS=topk_ids is not None,
+        BLOCK_H=block_h, num_warps=4)
     return out

@@ -21,19 +21,23 @@ from nanovllm.utils.parallel import divide, tp_rank, tp_size
 
 class Routing(NamedTuple):
     weights: torch.Tensor  # [num_tokens, top_k] float32: each chosen expert's share of the token
-    ids: torch.Tensor      # [num_tokens, top_k] int32: the chosen experts, most probable first
+    ids: torch.Tensor      # [num_tokens, top_k] int32: the chosen experts, most probable first;
+                           # num_experts: no expert (a padding row's, weight 0)
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                   slot_mapping: torch.Tensor | None = None) -> Routing:
     """Softmax over all experts in float32, then the top k (renormalized to sum to 1 when
-    `renormalize`, HF's norm_topk_prob); on CUDA one Triton kernel."""
+    `renormalize`, HF's norm_topk_prob); on CUDA one Triton kernel. Rows whose slot is -1
+    (CUDA-graph padding) are routed to no expert, so they add no expert weights to a step's reads."""
     if fused_kernels_enabled(router_logits):
         from nanovllm.kernels.fused_moe import topk_softmax
-        return Routing(*topk_softmax(router_logits, top_k, renormalize))
-    return select_experts_reference(router_logits, top_k, renormalize)
+        return Routing(*topk_softmax(router_logits, top_k, renormalize, slot_mapping))
+    return select_experts_reference(router_logits, top_k, renormalize, slot_mapping)
 
 
-def select_experts_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> Routing:
+def select_experts_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                             slot_mapping: torch.Tensor | None = None) -> Routing:
     """NOTE: ties go to the lowest expert id (a stable descending sort), so routing never
     depends on the sort kernel: torch.topk leaves the order of equal values unspecified."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # [num_tokens, num_experts]
@@ -41,6 +45,10 @@ def select_experts_reference(router_logits: torch.Tensor, top_k: int, renormaliz
     weights, ids = weights[:, :top_k], ids[:, :top_k]
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if slot_mapping is not None:
+        padding = (slot_mapping < 0)[:, None]
+        weights = weights.masked_fill(padding, 0.0)
+        ids = ids.masked_fill(padding, router_logits.shape[-1])
     return Routing(weights, ids.to(torch.int32))
 
 
@@ -53,7 +61,8 @@ def fused_experts_reference(x: torch.Tensor, gate_up: torch.Tensor, down: torch.
     out = torch.zeros(num_tokens, x.shape[1], dtype=torch.float32, device=x.device)
     flat = routing.ids.flatten().long()                    # [num_tokens * top_k]: pair p is (p // top_k, p % top_k)
     order = torch.argsort(flat, stable=True)               # pair ids grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts).tolist()  # NOTE: a host sync (oracle only)
+    # bin num_experts: pairs routed to no expert, sorted last and left out by zip
+    counts = torch.bincount(flat, minlength=num_experts + 1).tolist()  # NOTE: a host sync (oracle only)
     for expert, pairs in zip(range(num_experts), order.split(counts)):
         if len(pairs) == 0:
             continue
@@ -92,9 +101,11 @@ class FusedMoE(nn.Module):
         check_shape(loaded, (self.hidden_size, size * tp_size()))
         _copy(param.data[expert], loaded.narrow(1, tp_rank() * size, size))
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """x: [num_tokens, hidden], router_logits: [num_tokens, num_experts] -> [num_tokens, hidden]."""
-        routing = select_experts(router_logits, self.top_k, self.renormalize)
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor,
+                slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [num_tokens, hidden], router_logits: [num_tokens, num_experts] -> [num_tokens, hidden];
+        rows whose slot is -1 (CUDA-graph padding) come out zero."""
+        routing = select_experts(router_logits, self.top_k, self.renormalize, slot_mapping)
         if fused_kernels_enabled(x):
             from nanovllm.kernels.fused_moe import fused_experts
             return fused_experts(x, self.gate_up_proj, self.down_proj, routing.weights, routing.ids)

@@ -79,7 +79,8 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size] * 2, bias=cfg.mlp_bias)
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
+        """slot_mapping: unused (a dense MLP computes every row; see Qwen3MoeSparseMoeBlock)."""
         # the SwiGLU gate, silu(gate) * up, is applied by the down projection as it reads its input
         return self.down_proj(self.gate_up_proj(x), gated=True)
 
@@ -94,7 +95,7 @@ class Qwen3DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, meta: AttentionMetadata):
         q, k, v, residual = self.pre_attention(positions, hidden, residual, meta.slot_mapping)
-        return self.post_attention(self.self_attn.attn.attend(q, k, v, meta), residual)
+        return self.post_attention(self.self_attn.attn.attend(q, k, v, meta), residual, meta.slot_mapping)
 
     # The two halves around attention: the piecewise CUDA graphs of mixed steps capture
     # them and run attention, which depends on the step's sequences, eagerly in between.
@@ -106,11 +107,12 @@ class Qwen3DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         return *self.self_attn.project(positions, hidden, slot_mapping), residual
 
-    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor):
-        """attn_out [num_tokens, num_heads, head_dim] -> (MLP output, residual stream)."""
+    def post_attention(self, attn_out: torch.Tensor, residual: torch.Tensor, slot_mapping: torch.Tensor):
+        """attn_out [num_tokens, num_heads, head_dim] -> (MLP output, residual stream); slot -1
+        marks a CUDA-graph padding row, which a mixture of experts routes nowhere."""
         hidden = self.self_attn.o_proj(attn_out.flatten(1))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, slot_mapping), residual
 
 
 class Qwen3Model(nn.Module):

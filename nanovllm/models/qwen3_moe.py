@@ -27,9 +27,9 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         self.experts = FusedMoE(cfg.num_experts, cfg.num_experts_per_tok, cfg.hidden_size,
                                 cfg.moe_intermediate_size, cfg.norm_topk_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         # NOTE: every rank routes identically (replicated router), so one all-reduce sums the slices
-        return all_reduce(self.experts(x, self.gate(x)))
+        return all_reduce(self.experts(x, self.gate(x), slot_mapping))
 
 
 class Qwen2MoeSparseMoeBlock(Qwen3MoeSparseMoeBlock):
@@ -38,9 +38,9 @@ class Qwen2MoeSparseMoeBlock(Qwen3MoeSparseMoeBlock):
         self.shared_expert = Qwen3MLP(cfg, cfg.shared_expert_intermediate_size)
         self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, slot_mapping: torch.Tensor | None = None) -> torch.Tensor:
         shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return super().forward(x) + shared
+        return super().forward(x, slot_mapping) + shared
 
 
 def route_expert_key(key: str) -> tuple[str, tuple[int, int] | int] | None:

@@ -46,6 +46,28 @@ def test_topk_softmax_matches_reference(device, renormalize):
     torch.testing.assert_close(weights, expected.weights, atol=1e-6, rtol=1e-5)
 
 
+def padding_slots(num_tokens: int, padded: list[int], device: str) -> torch.Tensor:
+    """A slot mapping with slot -1 (a CUDA-graph padding row) at the rows `padded`."""
+    slots = torch.arange(num_tokens, dtype=torch.int64)
+    slots[padded] = -1
+    return slots.to(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_topk_softmax_routes_padding_rows_to_no_expert(device):
+    logits = torch.randn(12, 24, generator=torch.Generator().manual_seed(5)).to(device)
+    padded = [0, 7, 11]
+    slots = padding_slots(12, padded, device)
+    weights, ids = topk_softmax(logits, 5, True, slots)
+    plain_weights, plain_ids = topk_softmax(logits, 5, True)
+    real = [t for t in range(12) if t not in padded]
+    assert torch.equal(ids[real], plain_ids[real]) and torch.equal(weights[real], plain_weights[real])
+    assert (ids[padded] == 24).all() and (weights[padded] == 0).all()
+    expected = select_experts_reference(logits, 5, True, slots)
+    assert torch.equal(ids, expected.ids)
+    torch.testing.assert_close(weights, expected.weights, atol=1e-6, rtol=1e-5)
+
+
 @pytest.fixture(params=["one-program", "count-scan-scatter"])
 def align_path(request, monkeypatch):
     """Both alignment paths: the one-program kernel (decode sizes) and the general three kernels."""
@@ -73,6 +95,38 @@ def test_align_by_expert_covers_every_pair_once(num_tokens, load, align_path):
         assert (flat[real.long()] == expert).all(), "a block mixes experts"
     placed = blocks.pair_ids[blocks.pair_ids < num_pairs]
     assert sorted(placed.tolist()) == list(range(num_pairs))
+
+
+@pytest.mark.parametrize("num_tokens", [3, 40])
+def test_align_by_expert_places_no_pair_routed_to_no_expert(num_tokens, align_path):
+    """Padding rows' pairs (id num_experts) get no row, so no block reads an expert for them:
+    the blocks' experts are exactly the real tokens' experts."""
+    routing = make_routing(num_tokens, 8, 2, "random", "cpu", seed=6)
+    ids = routing.ids.clone()
+    ids[1::2] = 8  # every other token is padding
+    blocks = align_by_expert(ids, 8, 16)
+    num_pairs = ids.numel()
+    placed = blocks.pair_ids[blocks.pair_ids < num_pairs]
+    real_pairs = (ids.flatten() < 8).nonzero().flatten()
+    assert sorted(placed.tolist()) == real_pairs.tolist()
+    used = set(blocks.block_experts[blocks.block_experts >= 0].tolist())
+    assert used == set(ids[0::2].flatten().tolist())
+
+
+@pytest.mark.parametrize("num_tokens,padded", [(6, [1, 4, 5]), (40, list(range(17, 40))), (2, [0, 1])])
+def test_fused_experts_leave_padding_rows_zero_interpreted(num_tokens, padded, align_path):
+    """Rows routed to no expert come out zero; the other rows are what they are alone."""
+    gate_up, down = make_weights(8, 64, 32, torch.float32, "cpu")
+    x = torch.randn(num_tokens, 64, generator=torch.Generator().manual_seed(7))
+    logits = torch.randn(num_tokens, 8, generator=torch.Generator().manual_seed(8))
+    routing = select_experts_reference(logits, 2, True, padding_slots(num_tokens, padded, "cpu"))
+    got = fused_experts(x, gate_up, down, routing.weights, routing.ids, MoeTiles(16, 32, 32, 4, 1))
+    expected = fused_experts_reference(x, gate_up, down, routing)
+    real = [t for t in range(num_tokens) if t not in padded]
+    alone = fused_experts_reference(x[real], gate_up, down, select_experts_reference(logits[real], 2, True))
+    assert (expected[padded] == 0).all() and (got[padded] == 0).all()
+    torch.testing.assert_close(expected[real], alone, atol=0, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_tokens,load", [(1, "random"), (40, "random"), (17, "all-on-one-expert"),
