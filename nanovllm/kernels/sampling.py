@@ -36,9 +36,12 @@ SERIES_BELOW = tl.constexpr(1.0 / 256)
 
 @triton.jit
 def _exponential(r):
-    """Exp(1) noise from uint32 random bits, accurate at both ends (no 0, no infinity)."""
+    """Exp(1) noise from uint32 random bits, accurate near 0 (the values that decide the race),
+    never 0 nor infinity."""
     a = (r.to(tl.float32) + 0.5) * 2.3283064365386963e-10   # uniform in (0, 1), fine near 0
-    b = 1.0 - a                                                # the complement, fine near 0 below
+    # the complement; a rounds to 1.0 for the top 128 r, and Exp(1) = inf there would make
+    # an id that is a row's only candidate (a grammar's forced token) lose to "no id"
+    b = tl.maximum(1.0 - a, 1.1641532182693481e-10)   # 2^-33
     series = a * (1.0 + a * (0.5 + a * (1.0 / 3.0 + a * 0.25)))  # -log(1 - a) for small a
     return tl.where(a < SERIES_BELOW, series, -tl.log(b))
 

@@ -9,13 +9,45 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
 
-from nanovllm.kernels.sampling import gumbel_argmax  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from nanovllm.kernels.sampling import _exponential, gumbel_argmax  # noqa: E402
 
 SMALL = dict(chunk=32, block=16)  # interpreter-sized: a 100-id row spans 4 chunks
 
 
 def keys(n: int, start: int = 0, device="cpu") -> torch.Tensor:
     return torch.arange(start, start + n, dtype=torch.int64, device=device) * 7919 + 12345
+
+
+@triton.jit
+def _noise_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    bits = tl.load(bits_ptr + offs, mask=offs < n, other=0).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + offs, _exponential(bits), mask=offs < n)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_noise_is_exp1_and_finite_at_both_ends(device):
+    """The noise is -log(1 - a), a = (r + 0.5) / 2^32, for uint32 r: the smallest values (which
+    decide the race) through the series, the rest through the log. Near a = 1 float32 holds
+    a coarsely (the largest noise values, which never decide a race), but where a rounds to 1
+    (the top 128 r) the noise must stay finite, so a row's only candidate id still wins."""
+    # below a = 1 - 2^-10: there float32's rounding of r moves -log(1 - a) by under 1e-5
+    spread = torch.randint(0, 2**32 - 2**22, (500,), generator=torch.Generator().manual_seed(0))
+    low = torch.cat([torch.arange(0, 64), torch.arange(2**24 - 64, 2**24 + 64), spread])  # 2^24: a ~ 1/256, the branch
+    r = torch.cat([low, torch.arange(2**32 - 256, 2**32)])
+    bits = torch.where(r >= 2**31, r - 2**32, r).to(torch.int32).to(device)
+    out = torch.empty(len(r), dtype=torch.float32, device=device)
+    _noise_kernel[(1,)](bits, out, len(r), BLOCK=triton.next_power_of_2(len(r)))
+    out = out.cpu().double()
+    exact = -torch.log1p(-(r.double() + 0.5) / 2**32)
+    torch.testing.assert_close(out[:len(low)], exact[:len(low)], rtol=2e-5, atol=0)
+    top = out[len(low):]
+    assert torch.isfinite(top).all() and (top > 15.0).all(), top
+    assert torch.isfinite(out).all()
 
 
 def test_greedy_rows_take_the_first_maximum():
