@@ -47,7 +47,6 @@ def test_noise_is_exp1_and_finite_at_both_ends(device):
     torch.testing.assert_close(out[:len(low)], exact[:len(low)], rtol=2e-5, atol=0)
     top = out[len(low):]
     assert torch.isfinite(top).all() and (top > 15.0).all(), top
-    assert torch.isfinite(out).all()
 
 
 def test_greedy_rows_take_the_first_maximum():
