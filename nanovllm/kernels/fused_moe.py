@@ -274,29 +274,25 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
 
 
 @triton.jit
-def _sum_topk_kernel(src_ptr, ids_ptr, out_ptr, hidden, num_experts, TOP_K: tl.constexpr, HAS_IDS: tl.constexpr,
-                     BLOCK_H: tl.constexpr):
+def _sum_topk_kernel(src_ptr, ids_ptr, out_ptr, hidden, num_experts, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < hidden
     src = src_ptr + token * TOP_K * hidden + cols
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
     for k in tl.static_range(TOP_K):  # slot order, in float32: the same sum on every run
-        routed = ok
-        if HAS_IDS:  # a pair routed to no expert has no row written: skip it
-            expert = tl.load(ids_ptr + token * TOP_K + k + tl.zeros_like(cols), mask=ok, other=num_experts)
-            routed = expert < num_experts
-        acc += tl.load(src + k * hidden, mask=routed, other=0.0).to(tl.float32)
+        # a pair routed to no expert has no row written: skip it
+        expert = tl.load(ids_ptr + token * TOP_K + k + tl.zeros_like(cols), mask=ok, other=num_experts)
+        acc += tl.load(src + k * hidden, mask=expert < num_experts, other=0.0).to(tl.float32)
     tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_topk(pair_out: torch.Tensor, topk_ids: torch.Tensor | None = None, num_experts: int = 0) -> torch.Tensor:
+def sum_topk(pair_out: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[num_tokens, top_k, hidden] -> [num_tokens, hidden], summed in slot order in float32;
-    with `topk_ids`, the slots whose id is >= num_experts (routed to no expert) are left out."""
+    the slots whose id (`topk_ids`, contiguous) is >= num_experts (routed to no expert) are left out."""
     num_tokens, top_k, hidden = pair_out.shape
     out = torch.empty(num_tokens, hidden, dtype=pair_out.dtype, device=pair_out.device)
     block_h = min(1024, triton.next_power_of_2(hidden))
     _sum_topk_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-        pair_out, topk_ids, out, hidden, num_experts, TOP_K=top_k, HAS_IDS=topk_ids is not None,
-        BLOCK_H=block_h, num_warps=4)
+        pair_out, topk_ids, out, hidden, num_experts, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return out

@@ -147,7 +147,8 @@ def test_sum_topk_adds_the_slots_in_order(device, shape):
     expected = pair_out[:, 0].clone()
     for k in range(1, shape[1]):
         expected += pair_out[:, k]
-    assert torch.equal(sum_topk(pair_out), expected)
+    ids = torch.zeros(shape[:2], dtype=torch.int32, device=device)  # every slot routed (to expert 0)
+    assert torch.equal(sum_topk(pair_out, ids, 1), expected)
 
 
 # ---- CUDA, at Qwen3-30B-A3B's shapes (hidden 2048, 128 experts, top-8, moe_intermediate 768)
