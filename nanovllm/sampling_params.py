@@ -17,6 +17,9 @@ FLOAT32_MAX = 3.4028234663852886e38
 INT64_MAX = 2**63 - 1   # top_k travels in an int64 tensor
 # Seeds are hashed modulo 2**64 (splitmix64): the int64 range keeps distinct seeds distinct
 MIN_SEED, MAX_SEED = -2**63, 2**63 - 1
+# Each of a prompt's n samples is a sequence made when the request is accepted: a bound keeps
+# a typo (n=10**9) an error instead of an endless loop before any step runs
+MAX_N = 2**16
 
 
 def _is_int(x) -> bool:
@@ -24,7 +27,12 @@ def _is_int(x) -> bool:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def _plain(x):
@@ -40,7 +48,8 @@ def _plain(x):
 
 def _check(ok: bool, name: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        got = repr(value)  # NOTE: cut, so a 10**400 or a megabyte string stays a readable line
+        raise ValueError(f"{name} must be {allowed}, got {got if len(got) <= 200 else got[:197] + '...'}")
 
 
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
@@ -69,11 +78,22 @@ class StructuredOutputs:
             _check(value is True, name, value, "True")
             return cls(kind, None)
         if kind == "choice":
-            _check(isinstance(value, (list, tuple)) and value and all(isinstance(c, str) and c for c in value),
-                   name, value, "a non-empty list of non-empty strings")
+            _check(isinstance(value, (list, tuple)) and value and all(_is_text(c) and c for c in value),
+                   name, value, "a non-empty list of non-empty strings (UTF-8 text)")
             return cls(kind, tuple(value))
-        _check(isinstance(value, str) and value.strip() != "", name, value, "a non-empty string")
+        _check(_is_text(value) and value.strip() != "", name, value, "a non-empty string (UTF-8 text)")
         return cls(kind, value)
+
+
+def _is_text(x) -> bool:
+    """A str the grammar compiler can take: encodable as UTF-8 (no lone surrogate such as '\\ud800')."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _schema_text(value, name: str) -> str:
@@ -83,11 +103,15 @@ def _schema_text(value, name: str) -> str:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise ValueError(f"{name} is not valid JSON: {e}") from e
+        except RecursionError as e:
+            raise ValueError(f"{name} is nested too deeply to parse") from e
     _check(isinstance(value, dict), name, value, "a JSON schema object (a dict or a JSON string)")
     try:
         return json.dumps(value)
     except (TypeError, ValueError) as e:  # a value JSON cannot hold, or a cycle
         raise ValueError(f"{name} cannot be serialized as JSON: {e}") from e
+    except RecursionError as e:
+        raise ValueError(f"{name} is nested too deeply to serialize as JSON") from e
 
 
 @dataclass(frozen=True)
@@ -139,7 +163,7 @@ class SamplingParams:
                f"None or a dict with one key of {', '.join(STRUCTURED_KINDS)}")
 
     def _check_sampling(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", self.n, f"an integer in [1, {MAX_N}]")
         t = self.temperature
         _check(_is_number(t) and (t == 0 or MIN_DIVISOR <= t <= FLOAT32_MAX), "temperature", t,
                f"0 (greedy) or a number in [{MIN_DIVISOR}, {FLOAT32_MAX:.4g}]")

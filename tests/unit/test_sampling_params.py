@@ -8,11 +8,11 @@ import pytest
 from nanovllm.sampling_params import SamplingParams
 
 BAD_VALUES = {
-    "n": [0, -1, 1.0, True, None],
-    "temperature": [-0.1, math.inf, math.nan, "1", True, None],
-    "top_p": [0, -0.5, 1.01, math.nan, "0.9", None],
+    "n": [0, -1, 1.0, True, None, 2**16 + 1, 10**30],   # a huge n: an error, not endless sibling-making
+    "temperature": [-0.1, math.inf, math.nan, "1", True, None, 10**400],   # 10**400: beyond float's range
+    "top_p": [0, -0.5, 1.01, math.nan, "0.9", None, 10**400],
     "top_k": [-2, 1.5, True, None],
-    "min_p": [-0.1, 1.1, math.nan, None],
+    "min_p": [-0.1, 1.1, math.nan, None, -10**400],
     "seed": [1.0, "7", True, 2**63, -2**63 - 1, 2**70],
     "max_tokens": [0, -3, 2.0, True, None],
     "min_tokens": [-1, 65, 1.0, None],         # 65 > the default max_tokens of 64
@@ -20,14 +20,15 @@ BAD_VALUES = {
     "stop": ["", [""], ["ok", 3], 5, [None]],
     "stop_token_ids": [[-1], [1.0], [True], "3", 3],
     "logprobs": [-1, 1.5, True, "2"],
-    "repetition_penalty": [0, -1.0, math.inf, math.nan, None],
-    "presence_penalty": [2.5, -2.01, math.nan, None],
-    "frequency_penalty": [-3, 2.0001, math.inf, None],
+    "repetition_penalty": [0, -1.0, math.inf, math.nan, None, 10**400],
+    "presence_penalty": [2.5, -2.01, math.nan, None, 10**400],
+    "frequency_penalty": [-3, 2.0001, math.inf, None, -10**400],
     "structured_outputs": ["json", {}, {"jsn": {}}, {"regex": "a", "choice": ["a"]}],  # the rest: test_structured_outputs_unit
 }
 
 
-@pytest.mark.parametrize("field, value", [(f, v) for f, values in BAD_VALUES.items() for v in values])
+@pytest.mark.parametrize("field, value", [(f, v) for f, values in BAD_VALUES.items() for v in values],
+                         ids=[f"{f}={v!r:.24}" for f, values in BAD_VALUES.items() for v in values])
 def test_bad_value_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"^{field} must be .*, got "):
         SamplingParams(**{field: value})
@@ -39,7 +40,7 @@ def test_every_field_is_validated():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(n=4), dict(temperature=0), dict(temperature=2.5), dict(top_p=1), dict(top_p=1e-9), dict(top_k=-1),
+    dict(n=4), dict(n=2**16), dict(temperature=0), dict(temperature=2.5), dict(top_p=1), dict(top_p=1e-9), dict(top_k=-1),
     dict(top_k=0), dict(top_k=50), dict(min_p=0), dict(min_p=1), dict(seed=0), dict(seed=-5), dict(seed=2**63 - 1), dict(seed=-2**63),
     dict(max_tokens=1, min_tokens=1), dict(logprobs=0), dict(logprobs=20), dict(stop=["a", "bc"]),
     dict(stop_token_ids=[0, 151643]), dict(repetition_penalty=0.5), dict(presence_penalty=-2),

@@ -22,6 +22,13 @@ def test_constraints_are_normalized():
     hash(SamplingParams(structured_outputs=dict(regex="a+")).structured_outputs)  # a cache key
 
 
+def _nested(depth: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
 @pytest.mark.parametrize("value, match", [
     (dict(jsn={}), "exactly one key of json, json_object, regex, choice, grammar"),
     (dict(regex="a", choice=["a"]), "exactly one key of"),
@@ -34,6 +41,12 @@ def test_constraints_are_normalized():
     (dict(json_object=False), r"structured_outputs\['json_object'\] must be True"),
     (dict(regex=""), r"structured_outputs\['regex'\] must be a non-empty string"),
     (dict(grammar=5), r"structured_outputs\['grammar'\] must be a non-empty string"),
+    # a lone surrogate cannot reach the grammar compiler as UTF-8
+    (dict(choice=["a", "\ud800"]), r"structured_outputs\['choice'\] must be .*UTF-8"),
+    (dict(regex="a\ud800"), r"structured_outputs\['regex'\] must be .*UTF-8"),
+    (dict(grammar='root ::= "\ud800"'), r"structured_outputs\['grammar'\] must be .*UTF-8"),
+    (dict(json=_nested(2000)), r"structured_outputs\['json'\] is nested too deeply"),
+    (dict(json="[" * 100_000 + "]" * 100_000), r"structured_outputs\['json'\] is nested too deeply"),
     ("json", "structured_outputs must be None or a dict"),
 ])
 def test_bad_constraints_are_rejected_when_made(value, match):
