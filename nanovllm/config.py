@@ -24,6 +24,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class Config:
     """Engine settings; `LLM(model, **kwargs)` takes these fields as keyword arguments.
@@ -58,10 +62,9 @@ class Config:
         # NOTE: a request is at least one prompt token plus one generated token
         _check(_is_int(self.max_model_len) and self.max_model_len >= 2, "max_model_len", self.max_model_len,
                "an integer >= 2 (one prompt token + one generated token)")
-        _check(isinstance(self.step_timeout_s, (int, float)) and not isinstance(self.step_timeout_s, bool)
-               and 0 < self.step_timeout_s <= MAX_STEP_TIMEOUT_S, "step_timeout_s", self.step_timeout_s,
-               f"a number of seconds in (0, {MAX_STEP_TIMEOUT_S}]")
-        _check(isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1,
+        _check(_is_number(self.step_timeout_s) and 0 < self.step_timeout_s <= MAX_STEP_TIMEOUT_S,
+               "step_timeout_s", self.step_timeout_s, f"a number of seconds in (0, {MAX_STEP_TIMEOUT_S}]")
+        _check(_is_number(self.gpu_memory_utilization) and 0 < self.gpu_memory_utilization <= 1,
                "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
         bs = self.kvcache_block_size
         _check(_is_int(bs) and bs >= 16 and bs & (bs - 1) == 0, "kvcache_block_size", bs, "a power of two >= 16")

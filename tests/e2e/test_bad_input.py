@@ -164,7 +164,7 @@ BAD_CONFIG = [
     ("max_num_batched_tokens", True), ("max_num_seqs", 0), ("max_num_seqs", "8"), ("max_model_len", 0),
     ("max_model_len", None), ("tensor_parallel_size", 0), ("gpu_memory_utilization", 0),
     ("gpu_memory_utilization", 1.5), ("gpu_memory_utilization", -0.1), ("gpu_memory_utilization", math.nan),
-    ("gpu_memory_utilization", "0.9"), ("kvcache_block_size", 8), ("kvcache_block_size", 24),
+    ("gpu_memory_utilization", "0.9"), ("gpu_memory_utilization", True), ("kvcache_block_size", 8), ("kvcache_block_size", 24),
     ("kvcache_block_size", 48), ("kvcache_block_size", 0), ("kvcache_block_size", 16.0),
     ("num_kvcache_blocks", 0), ("num_kvcache_blocks", -2), ("cpu_kvcache_bytes", 0),
     ("enforce_eager", "no"), ("enable_prefix_caching", 1), ("device", "tpu"), ("dtype", "fp8"),
