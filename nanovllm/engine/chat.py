@@ -5,7 +5,6 @@ A conversation is a list of `{"role": str, "content": ...}` dicts; `LLM.chat` ta
 conversation or a list of them. Every error names the conversation: `conversations[i]`."""
 from collections.abc import Mapping
 
-from jinja2.exceptions import TemplateError
 
 Message = Mapping[str, object]
 Conversation = list[Message]
@@ -51,7 +50,7 @@ def chat_prompt_ids(tokenizer, messages, chat_template: str | None = None, add_g
             token_ids = tokenizer.apply_chat_template(
                 list(conversation), chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 tokenize=True, return_dict=False, **(chat_template_kwargs or {}))
-        except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. the template's raise_exception
+        except Exception as e:  # a template is code: raise_exception, or any error its expressions hit
             raise ValueError(f"conversations[{i}]: the chat template rejected it: {e}") from e
         if not token_ids:
             raise ValueError(f"conversations[{i}]: the chat template produced an empty prompt")

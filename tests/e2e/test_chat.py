@@ -67,6 +67,17 @@ def test_bad_conversations_fail_before_any_request_runs(llm, messages, match):
     assert not llm.has_unfinished_work()
 
 
+@pytest.mark.parametrize("template, match", [
+    ("{{ 1 / 0 }}", "division by zero"),
+    ("{{ messages[5]['content'] }}", "no element 5"),
+])
+def test_any_error_of_a_template_names_the_conversation(llm, template, match):
+    """A template is code: whatever its expressions raise becomes the conversation's ValueError."""
+    with pytest.raises(ValueError, match=rf"conversations\[0\]: the chat template rejected it: .*{match}"):
+        llm.chat(CONVERSATIONS[0], GREEDY, use_tqdm=False, chat_template=template)
+    assert not llm.has_unfinished_work()
+
+
 def test_no_chat_template_is_a_clear_error(llm, monkeypatch):
     monkeypatch.setattr(llm.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match=r"conversations\[0\]: the tokenizer has no chat template; pass chat_template"):
