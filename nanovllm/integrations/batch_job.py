@@ -48,6 +48,8 @@ def _loads(text: str):
         return json.loads(text)
     except json.JSONDecodeError as e:  # NOTE: one line at a time, so the line number is the file's
         return LineError("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}")
+    except RecursionError:
+        return LineError("invalid_json", "not valid JSON here: nested too deeply to parse")
 
 
 def detect_format(lines: list[InputLine], flag: str, in_format: str) -> str:

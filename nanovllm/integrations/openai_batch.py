@@ -7,7 +7,6 @@ output lines `{"id", "custom_id", "response": {"status_code", "request_id", "bod
 (bad JSON, an unknown url, a missing field, a value out of range) raises `LineError`, which
 becomes that line's error output (status 400); the other lines run."""
 import hashlib
-import json
 from dataclasses import dataclass
 
 from nanovllm.engine.chat import chat_prompt_ids
@@ -57,7 +56,7 @@ def parse_line(obj, base_params: dict, tokenizer) -> OpenAIRequest:
     if obj.get("method", "POST") != "POST":
         raise LineError("invalid_value", f"method must be 'POST', got {obj['method']!r:.80}")
     url, body = obj["url"], obj["body"]
-    if url not in MAPPED:
+    if not isinstance(url, str) or url not in MAPPED:
         raise LineError("invalid_url", f"url {url!r:.80} is not supported; use {CHAT!r} or {COMPLETION!r}")
     if not isinstance(body, dict):
         raise LineError("invalid_value", f"body must be a JSON object, got {type(body).__name__}")
@@ -105,7 +104,11 @@ def _structured_outputs(response_format) -> dict | None:
     if kind == "json_object":
         constraint = {"json_object": True}
     elif kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        json_schema = response_format.get("json_schema") or {}
+        if not isinstance(json_schema, dict):
+            raise LineError("invalid_value", f"body.response_format.json_schema must be an object "
+                                             f"{{'name', 'schema'}}, got {json_schema!r:.80}")
+        schema = json_schema.get("schema")
         if schema is None:
             raise LineError("missing_field", "body.response_format.json_schema has no 'schema'")
         constraint = {"json": schema}
@@ -228,10 +231,3 @@ def _completion_logprobs(entries: list[dict], tokenizer) -> dict:
             "top_logprobs": [{_token(tokenizer, t): lp for t, lp in e["top_logprobs"].items()} for e in entries],
             "text_offset": offsets}
 
-
-def loads_line(text: str):
-    """json.loads, with a LineError that says where in the line it failed."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LineError("invalid_json", f"not valid JSON: {e.msg} at column {e.colno}") from e

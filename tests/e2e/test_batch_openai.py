@@ -50,8 +50,14 @@ BAD = [
     (json.dumps(line("b4", CHAT, messages=[{"role": "robot", "content": "t5"}])), "invalid_value"),
     # the engine rejects it (prompt + max_tokens over max_model_len): found after the model loads
     (json.dumps(line("b5", COMPLETIONS, prompt=" ".join(["t9"] * 60), max_tokens=8)), "invalid_request"),
+    # lines that once stopped the whole job with a traceback (or, for n, an endless loop)
+    (json.dumps(line("b6", [COMPLETIONS], prompt="t5")), "invalid_url"),
+    (json.dumps(line("b7", CHAT, messages=user("t5"), response_format={"type": "json_schema", "json_schema": "x"})),
+     "invalid_value"),
+    ("[" * 100_000 + "]" * 100_000, "invalid_json"),
+    (json.dumps(line("b9", COMPLETIONS, prompt="t5", n=10**30)), "invalid_value"),
 ]
-ORDER = ["g0", "b0", "g1", "b1", "b2", "g2", "b3", "b4", "g3", "b5"]
+ORDER = ["g0", "b0", "g1", "b1", "b2", "g2", "b3", "b4", "g3", "b5", "b6", "b7", "b8", "b9"]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +150,7 @@ def test_response_format_maps_to_structured_outputs(tokenizer, response_format, 
 @pytest.mark.parametrize("body, code, message", [
     (dict(prompt="t5", logit_bias={"5": 1}), "unsupported_parameter", "body.logit_bias is not supported"),
     (dict(prompt=["t5", "t6"]), "invalid_value", "one prompt per line"),
-    (dict(prompt="t5", n=0), "invalid_value", "n must be an integer >= 1, got 0"),
+    (dict(prompt="t5", n=0), "invalid_value", r"n must be an integer in \[1, 65536\], got 0"),
     (dict(prompt="t5", top_p=2), "invalid_value", r"top_p must be in \(0, 1\], got 2"),
 ])
 def test_bad_completion_bodies(tokenizer, body, code, message):
@@ -240,7 +246,7 @@ def test_each_bad_line_gets_an_error(in_process, capsys):
 def test_summary_and_model_note(model_dir, input_file, tmp_path, capsys):
     run_cli(model_dir, input_file, str(tmp_path / "o.jsonl"), "--no-ray")
     err = capsys.readouterr().err
-    assert "10 lines: 4 succeeded, 6 failed" in err
+    assert "14 lines: 4 succeeded, 10 failed" in err
     assert err.count("body.model (gpt-4o-mini) is ignored") == 1
     assert f"{input_file}:2: invalid_json: not valid JSON" in err
 
