@@ -582,8 +582,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
     for name in ("tp", "max_model_len", "hf_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.scale > 0:
-        p.error(f"--scale must be > 0, got {args.scale}")
+    if not 0 < args.scale < float("inf"):  # NaN fails too
+        p.error(f"--scale must be a finite number > 0, got {args.scale}")
     caps = (args.max_input_len or 1 << 30) + (args.max_output_len or 1 << 30)
     too_long = [s.name for s in specs if min(s.max_total_len, caps) > args.max_model_len]
     if too_long and not args.dry_run:

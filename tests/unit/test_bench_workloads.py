@@ -79,7 +79,9 @@ def test_help_documents_every_workload_without_importing_torch():
 @pytest.mark.parametrize("argv, message", [
     (["--workload", "nope"], "unknown ['nope']"),
     (["--workload", "long", "--max-model-len", "2048"], "too short for ['long']"),
-    (["--scale", "0"], "--scale must be > 0"),
+    (["--scale", "0"], "--scale must be a finite number > 0"),
+    (["--scale", "inf"], "--scale must be a finite number > 0"),
+    (["--scale", "nan"], "--scale must be a finite number > 0"),
     (["--backend", "hf", "--workload", "sampling-n"], "nanovllm backend only"),
     (["--model", "x", "--model-config", "qwen3-30b-a3b"], "exclude each other"),
 ])
