@@ -155,6 +155,45 @@ def check_sliding_window(hf: dict, max_model_len: int) -> None:
                          f"(the window then never slides)")
 
 
+def _check_hf_fields(hf: dict) -> None:
+    """The optional config.json fields `ModelConfig.from_hf` reads (read_hf_config checks the
+    required ones): a one-line error naming the field, not a crash deep in model code."""
+    def optional(name: str, ok, allowed: str) -> None:
+        if hf.get(name) is not None:
+            _check(ok(hf[name]), f"config.json {name}", hf[name], allowed)
+
+    def positive_int(x) -> bool:
+        return _is_int(x) and x >= 1
+
+    def real(x) -> bool:  # finite, bool excluded
+        return _is_number(x) and abs(x) < float("inf")
+
+    optional("architectures", lambda x: isinstance(x, list) and all(isinstance(a, str) for a in x),
+             "a list of model class names")
+    optional("num_key_value_heads", positive_int, "an integer >= 1")
+    optional("head_dim", lambda x: _is_int(x) and x >= 2 and x % 2 == 0, "an even integer >= 2 (RoPE rotates pairs)")
+    optional("max_position_embeddings", lambda x: _is_int(x) and x >= 2, "an integer >= 2")
+    optional("rms_norm_eps", lambda x: real(x) and x >= 0, "a number >= 0")
+    optional("rope_theta", lambda x: real(x) and x > 0, "a number > 0")
+    optional("rope_scaling", lambda x: isinstance(x, dict), "an object or null")
+    optional("rope_parameters", lambda x: isinstance(x, dict), "an object or null")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob"):
+        optional(name, lambda x: isinstance(x, bool), "true or false")
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
+    _check(heads % kv_heads == 0, "config.json num_key_value_heads", kv_heads,
+           f"a divisor of num_attention_heads={heads} (each KV head serves a whole group of query heads)")
+    if hf.get("head_dim") is None:  # derived as hidden_size // heads, as HF does
+        _check(hf["hidden_size"] % heads == 0 and (hf["hidden_size"] // heads) % 2 == 0,
+               "config.json num_attention_heads", heads, f"a divisor of hidden_size={hf['hidden_size']} leaving an even head_dim (or give head_dim)")
+    for name in ("num_experts", "num_local_experts", "moe_intermediate_size"):
+        optional(name, lambda x: _is_int(x) and x >= 0, "an integer >= 0")
+    optional("shared_expert_intermediate_size", lambda x: _is_int(x) and x >= 0, "an integer >= 0")
+    optional("mlp_only_layers", lambda x: isinstance(x, list) and all(_is_int(i) for i in x), "a list of layer ids")
+    if (hf.get("num_experts") or hf.get("num_local_experts")) and not hf.get("moe_intermediate_size"):
+        raise ValueError("config.json: a mixture-of-experts model (num_experts) needs moe_intermediate_size >= 1")
+
+
 def _moe_fields(hf: dict) -> dict:
     """The mixture-of-experts fields of an HF config; {} for a dense model.
 
@@ -205,6 +244,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
+        _check_hf_fields(hf)
         arch = (hf.get("architectures") or ["?"])[0]
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (supported: 'silu')")

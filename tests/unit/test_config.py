@@ -131,3 +131,38 @@ def test_from_dir_without_config_json(tmp_path):
 def test_resolve_dtype(checkpoint_dtype, requested, device, expected):
     cfg = ModelConfig.from_hf({**QWEN3_V4, "torch_dtype": checkpoint_dtype})
     assert cfg.resolve_dtype(requested, torch.device(device)) == expected
+
+
+MOE = {**QWEN3_V4, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_experts": 128,
+       "num_experts_per_tok": 8, "moe_intermediate_size": 768, "norm_topk_prob": True, "mlp_only_layers": []}
+
+
+@pytest.mark.parametrize("base, field, value, allowed", [
+    (QWEN3_V4, "num_key_value_heads", "8", "an integer >= 1"),
+    (QWEN3_V4, "num_key_value_heads", 3, "a divisor of num_attention_heads=16"),
+    (QWEN3_V4, "head_dim", -16, "an even integer >= 2"),
+    (QWEN3_V4, "head_dim", 127, "an even integer >= 2"),
+    (QWEN3_V4, "max_position_embeddings", "40960", "an integer >= 2"),
+    (QWEN3_V4, "rms_norm_eps", -1.0, "a number >= 0"),
+    (QWEN3_V4, "rope_theta", 0, "a number > 0"),
+    (QWEN3_V4, "rope_theta", "abc", "a number > 0"),
+    (QWEN3_V4, "rope_scaling", "linear", "an object or null"),
+    (QWEN3_V4, "architectures", "Qwen3ForCausalLM", "a list of model class names"),
+    (QWEN3_V4, "tie_word_embeddings", "false", "true or false"),
+    (QWEN2_V4, "num_attention_heads", 1792, "a divisor of hidden_size=896"),  # no head_dim: derived from it
+    (MOE, "num_experts", "128", "an integer >= 0"),
+    (MOE, "mlp_only_layers", 1, "a list of layer ids"),
+    (MOE, "shared_expert_intermediate_size", "48", "an integer >= 0"),
+    (MOE, "norm_topk_prob", "false", "true or false"),
+])
+def test_bad_optional_field_is_a_one_line_error(base, field, value, allowed):
+    """Each once crashed deep in model code (ZeroDivisionError, TypeError...) or loaded wrong."""
+    with pytest.raises(ValueError, match=rf"^config.json {field} must be {allowed}.*, got {value!r}$"):
+        ModelConfig.from_hf({**base, field: value})
+
+
+def test_moe_without_its_intermediate_size():
+    hf = {k: v for k, v in MOE.items() if k != "moe_intermediate_size"}
+    with pytest.raises(ValueError, match="needs moe_intermediate_size"):
+        ModelConfig.from_hf(hf)
+    assert ModelConfig.from_hf(MOE).moe_intermediate_size == 768
