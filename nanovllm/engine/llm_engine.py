@@ -42,8 +42,14 @@ def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
     sources = [tokenizer.eos_token_id, hf_config.get("eos_token_id")]
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):
-        with open(gen_path) as f:
-            sources.append(json.load(f).get("eos_token_id"))
+        try:
+            with open(gen_path, encoding="utf-8") as f:
+                generation = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{gen_path} is not valid JSON ({e})") from None
+        if not isinstance(generation, dict):
+            raise ValueError(f"{gen_path} must hold a JSON object, got a {type(generation).__name__}")
+        sources.append(generation.get("eos_token_id"))
     for src in sources:
         if isinstance(src, int):
             ids.add(src)

