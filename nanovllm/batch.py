@@ -12,11 +12,16 @@ and `body`):
 Runs `--replicas` engines of `--tp` GPUs each on Ray Data, or one engine in this process
 without Ray (or with `--no-ray`); both write the same file, in input order. Output: the path
 itself when it ends in `.jsonl` / `.parquet`, else `<path>/part-00000.<--format>`; written under
-a temporary name and renamed when the job succeeds.
+a temporary name and renamed when the job succeeds (a failed or SIGTERMed job leaves no file).
+Columns a row carries through must fit the output format, checked before the model loads; in
+JSONL, Parquet dates and times are written as ISO 8601 strings and decimals as strings.
 """
 import argparse
+import builtins
 import json
+import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +29,9 @@ from dataclasses import dataclass
 from nanovllm.integrations.batch_job import UsageError
 
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+# what an engine raises when the model's files, --engine-kwargs or the machine cannot start it
+# (a RuntimeError: no memory left for the KV cache): one line, exit code 2; others are bugs
+START_ERRORS = (OSError, RuntimeError, TypeError, ValueError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sampling-params", type=_json_object, default={}, metavar="JSON",
                    help="other default SamplingParams fields, e.g. '{\"top_p\": 0.9}'")
     p.add_argument("--engine-kwargs", type=_json_object, default={}, metavar="JSON",
-                   help="LLM(...) keywords, e.g. '{\"max_model_len\": 8192}'")
+                   help="LLM(...) keywords, e.g. '{\"max_model_len\": 8192}' (tensor_parallel_size: --tp)")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per batch")
     p.add_argument("--max-concurrent-batches", type=int, default=DEFAULT_MAX_CONCURRENT_BATCHES,
                    help="batches in one engine at once (the next joins before the last drains)")
@@ -57,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("replicas", "tp", "batch_size", "max_concurrent_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if "tensor_parallel_size" in args.engine_kwargs:  # NOTE: --tp also sizes each Ray actor's GPUs
+        p.error("--engine-kwargs: give tensor_parallel_size with --tp instead")
     return args
 
 
@@ -91,20 +101,26 @@ def run(args: argparse.Namespace) -> int:
     from nanovllm.integrations import batch_job
 
     in_format = input_format(args.input)
-    lines = batch_job.read_lines(_input_files(args.input), in_format)
+    if in_format == "parquet":
+        _import_pyarrow()
+    files = _input_files(args.input)
+    lines = batch_job.read_lines(files, in_format)
     kind = batch_job.detect_format(lines, args.input_format, in_format)
     out_format = output_format(args.output, args.format, kind)
-    if "parquet" in (in_format, out_format):
+    if out_format == "parquet":
         _import_pyarrow()
+    path = output_file(args.output, out_format)
+    _check_not_an_input(path, files)
     base = _base_params(args)
     model_dir = _check_model(args.model, {**args.engine_kwargs, "tensor_parallel_size": args.tp})
     job = (batch_job.openai_job(lines, base, model_dir, args.model) if kind == "openai"
            else batch_job.rows_job(lines, base, args.prompt_column))
-    start = time.perf_counter()
-    results = run_requests(args, job.requests) if job.requests else None
-    path = output_file(args.output, out_format)
+    if kind == "rows":
+        batch_job.check_writable([line.value for line in lines], out_format)
+    start, results = time.perf_counter(), None
     try:
-        with batch_job.AtomicWriter(path, out_format) as writer:
+        with batch_job.AtomicWriter(path, out_format) as writer:  # NOTE: checks the path before any work
+            results = run_requests(args, job.requests) if job.requests else None
             summary = job.write(results or (), writer)
     finally:
         if results is not None:
@@ -112,6 +128,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"nanovllm.batch: {summary} in {time.perf_counter() - start:.1f} s (engines started included) "
           f"-> {path}", file=sys.stderr)
     return 0
+
+
+def _check_not_an_input(path: str, files: list[str]) -> None:
+    if os.path.exists(path) and any(os.path.samefile(path, file) for file in files):
+        raise UsageError(f"--output {path} is an input file: the results would overwrite it")
 
 
 def _base_params(args) -> dict:
@@ -211,7 +232,13 @@ def run_requests(args, requests: list[str]):
             print(f"nanovllm.batch: --replicas {args.replicas} needs Ray; running one engine", file=sys.stderr)
         return _in_process(engines, requests)
     from nanovllm.integrations.ray import init_ray
+    # NOTE: an engine that fails to start is reported once, as one line (`_on_ray`), not also in the
+    # pages of Ray's task-retry and Ray Data error logs
+    if not args.verbose:
+        os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     init_ray(args.address, verbose=args.verbose)
+    if not args.verbose:
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     return _on_ray(ray, engines, requests)  # NOTE: a generator, closed by the caller
 
 
@@ -246,8 +273,23 @@ def _on_ray(ray, engines: _Engines, requests: list[str]):
                      predictor=RequestPredictor, **engines.llm_kwargs)
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             yield from table.column(RESULT_COLUMN).to_pylist()
+    except ray.exceptions.RayActorError as e:
+        message = _start_error(e)
+        if message is None:
+            raise
+        raise UsageError(f"--model {engines.model}: the engine did not start: {message}") from e
     finally:
         ctx.execution_options.preserve_order = preserve_order
+
+
+def _start_error(error) -> str | None:
+    """The message of the START_ERRORS exception an actor's engine raised while starting, else None.
+    Ray keeps only its text: a traceback whose last line reads `ValueError: message`."""
+    if not error.actor_init_failed:
+        return None
+    name, _, message = str(error).strip().splitlines()[-1].partition(": ")
+    cls = getattr(builtins, name, None)
+    return message if isinstance(cls, type) and issubclass(cls, START_ERRORS) else None
 
 
 def _in_process(engines: _Engines, requests: list[str]):
@@ -261,7 +303,7 @@ def _in_process(engines: _Engines, requests: list[str]):
 
     try:
         engine = EngineLoop(engines.model, engines.llm_kwargs)
-    except (OSError, TypeError, ValueError) as e:  # e.g. no memory left for the KV cache
+    except START_ERRORS as e:
         raise UsageError(f"--model {engines.model}: the engine did not start: {e}") from e
     pending = collections.deque()  # futures, in input order
     try:
@@ -280,5 +322,12 @@ def _in_process(engines: _Engines, requests: list[str]):
         engine.close()
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # NOTE: SystemExit unwinds the job as Ctrl-C does: the engines stop, the temporary file goes
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

@@ -5,6 +5,9 @@ in the input's format, in input order, into a file renamed into place only when 
 Two formats: `rows` (our own columns, `nanovllm.integrations.columns`; a bad row stops the job)
 and `openai` (OpenAI Batch API lines, `nanovllm.integrations.openai_batch`; a bad line gets an
 error line and the others run)."""
+import datetime
+import decimal
+import io
 import json
 import os
 import sys
@@ -29,9 +32,7 @@ def read_lines(files: list[str], in_format: str) -> list[InputLine]:
     lines = []
     for file in files:
         if in_format == "parquet":
-            import pyarrow.parquet as pq
-
-            rows = pq.read_table(file).to_pylist()
+            rows = _read_parquet(file)
             lines += [InputLine(f"{file}: row {i}", row) for i, row in enumerate(rows, 1)]
             continue
         try:
@@ -40,7 +41,19 @@ def read_lines(files: list[str], in_format: str) -> list[InputLine]:
                           if text.strip()]
         except UnicodeDecodeError as e:
             raise UsageError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+        except OSError as e:
+            raise UsageError(f"input {file}: {e.strerror or e}") from e
     return lines
+
+
+def _read_parquet(file: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(file).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UsageError(f"input {file}: not a readable Parquet file: {e}") from e
 
 
 def _loads(text: str):
@@ -110,6 +123,45 @@ def rows_job(lines: list[InputLine], base: dict, prompt_column: str | None) -> R
             problems.append(f"{line.where}: {e}")
     _check_all(problems, "row")
     return RowsJob(lines, requests)
+
+
+def check_writable(rows: list[dict], out_format: str) -> None:
+    """Every column the rows carry through can be written in `out_format`: found now, not after
+    every row has been generated. Each column is converted as the output file converts it."""
+    for name, values in _columns(rows).items():
+        try:
+            if out_format == "parquet":
+                _write_parquet({name: values}, io.BytesIO())
+            else:
+                json.dumps(values, default=json_value)
+        # NOTE: pyarrow's errors are these too (ArrowInvalid is a ValueError, ArrowTypeError a TypeError)
+        except (NotImplementedError, OverflowError, TypeError, ValueError) as e:
+            other = "jsonl" if out_format == "parquet" else "parquet"
+            raise UsageError(f"column {name!r} cannot be written to {out_format} ({e}); write {other} "
+                             f"instead (a .{other} output or --format {other})") from e
+
+
+def json_value(value: object) -> str:
+    """JSONL output of values JSON has no type for (Parquet input), written losslessly as strings:
+    dates and times in ISO 8601, decimals as written. Anything else (bytes) is a TypeError."""
+    if isinstance(value, (datetime.date, datetime.time)):  # NOTE: a datetime is a date
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise TypeError(f"JSON cannot hold {type(value).__name__} values")
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    """Every key, in first-seen order -> its value in every row (None where a row lacks it)."""
+    names = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in names}
+
+
+def _write_parquet(columns: dict[str, list], file) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), file)
 
 
 # ---- OpenAI batch files ------------------------------------------------------------------
@@ -188,32 +240,31 @@ class AtomicWriter:
         self._rows: list[dict] = []   # Parquet: written at the end, as one table
 
     def __enter__(self) -> "AtomicWriter":
-        os.makedirs(os.path.dirname(self._tmp), exist_ok=True)
-        if self.format == "jsonl":
-            self._file = open(self._tmp, "w", encoding="utf-8")
+        # NOTE: the file is created now, before any engine starts: a path that cannot be written is
+        # a usage error, not work lost at the end
+        if os.path.isdir(self.path):
+            raise UsageError(f"--output {self.path} is a directory: give a path without an extension "
+                             f"to write into it")
+        try:
+            os.makedirs(os.path.dirname(self._tmp), exist_ok=True)
+            self._file = open(self._tmp, "w", encoding="utf-8") if self.format == "jsonl" else open(self._tmp, "wb")
+        except OSError as e:
+            raise UsageError(f"--output {self.path}: cannot write there: {e}") from e
         return self
 
     def write(self, row: dict) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.format == "jsonl":
+            self._file.write(json.dumps(row, ensure_ascii=False, default=json_value) + "\n")
         else:
             self._rows.append(row)
 
     def __exit__(self, exc_type, *exc) -> None:
         try:
-            if self._file is not None:
-                self._file.close()
+            with self._file:  # NOTE: closed (flushed) before the rename, and when the write fails too
+                if exc_type is None and self.format == "parquet":
+                    _write_parquet(_columns(self._rows), self._file)
             if exc_type is None:
-                if self._file is None:
-                    self._write_parquet()
                 os.replace(self._tmp, self.path)
         finally:
             if os.path.exists(self._tmp):
                 os.remove(self._tmp)
-
-    def _write_parquet(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        names = list(dict.fromkeys(name for row in self._rows for name in row))  # every key, first-seen order
-        pq.write_table(pa.table({name: [row.get(name) for row in self._rows] for name in names}), self._tmp)

@@ -2,11 +2,16 @@
 when Ray cannot be imported, and with `--no-ray`, equal to `LLM.generate` on the same prompts;
 user mistakes found before the model loads, as one line and exit code 2, with no output file.
 (The engine side is the same for both input formats: test_batch_openai runs it on Ray.)"""
+import datetime
+import decimal
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -163,3 +168,129 @@ def test_help_is_fast_and_shows_every_default():
                           ("--max-tokens", None), ("--input-format", "auto"), ("--no-ray", False)]:
         help_text = options.split(f" {flag} ", 1)[1].split(" --", 1)[0]
         assert f"(default: {default})" in help_text, (flag, help_text)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("nanovllm.batch: error: "), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def misshaped(path, tmp_path_factory) -> str:
+    """The checkpoint with one tensor cut in half: its config reads, its engine does not start."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("misshaped")
+    shutil.copytree(path, out, dirs_exist_ok=True)
+    tensors = load_file(out / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[name] = tensors[name][:, : tensors[name].shape[1] // 2].contiguous()
+    save_file(tensors, out / "model.safetensors")
+    return str(out)
+
+
+def test_an_engine_that_does_not_start_on_ray_is_one_line(ray_cluster, misshaped, input_file, tmp_path, capsys):
+    output = tmp_path / "out.jsonl"
+    assert batch_cli.main(cli(misshaped, input_file, str(output))) == 2
+    err = capsys.readouterr().err  # NOTE: with Ray's own log lines (the session's Ray prints them)
+    assert re.search(f"^nanovllm.batch: error: --model {misshaped}: the engine did not start: checkpoint tensor "
+                     r"'.*q_proj.weight': shape mismatch: .*$", err, re.M)
+    assert not output.exists() and os.listdir(tmp_path) == ["prompts.jsonl"]
+
+
+def test_no_memory_for_the_kv_cache_is_one_line(path, input_file, tmp_path, capsys):
+    args = cli(path, input_file, str(tmp_path / "out.jsonl"), "--no-ray", "--engine-kwargs", '{"cpu_kvcache_bytes": 1}')
+    assert batch_cli.main(args) == 2
+    assert "the engine did not start: no memory left for the KV cache" in one_line_error(capsys)
+    assert os.listdir(tmp_path) == ["prompts.jsonl"]
+
+
+def write_parquet(file, columns: dict) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), file)
+    return str(file)
+
+
+@pytest.mark.parametrize("rows, output, message", [
+    ([{"prompt": "t5", "id": 1}, {"prompt": "t6", "id": "x"}], "o.parquet",
+     r"column 'id' cannot be written to parquet \(Could not convert 'x'.*\); write jsonl instead"),
+    ([{"prompt": "t5", "meta": {}}], "o.parquet", r"column 'meta' cannot be written to parquet \(.*no child field"),
+    ({"prompt": ["t5"], "blob": [b"\x00\xff"]}, "o.jsonl",
+     r"column 'blob' cannot be written to jsonl \(JSON cannot hold bytes values\); write parquet instead"),
+])
+def test_columns_the_output_cannot_hold_fail_before_the_model_loads(path, tmp_path, capsys, no_engine,
+                                                                    rows, output, message):
+    pytest.importorskip("pyarrow")
+    if isinstance(rows, dict):
+        file = write_parquet(tmp_path / "rows.parquet", rows)
+    else:
+        file = tmp_path / "rows.jsonl"
+        file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert batch_cli.main(["--model", path, "--input", str(file), "--output", str(tmp_path / output)]) == 2
+    assert re.search(message, one_line_error(capsys))
+    assert not (tmp_path / output).exists()
+
+
+def test_parquet_dates_and_decimals_are_strings_in_jsonl(path, tmp_path):
+    pytest.importorskip("pyarrow")
+    when = datetime.datetime(2024, 1, 2, 3, 4, 5, 6)
+    file = write_parquet(tmp_path / "rows.parquet", {"prompt": ["t5 t6"], "when": [when], "day": [when.date()],
+                                                     "price": [decimal.Decimal("1.50")]})
+    output = str(tmp_path / "out.jsonl")
+    assert batch_cli.main(cli(path, file, output, "--no-ray")) == 0
+    (out,) = read_jsonl(output)
+    assert (out["when"], out["day"], out["price"]) == ("2024-01-02T03:04:05.000006", "2024-01-02", "1.50")
+
+
+@pytest.mark.parametrize("case", ["output under a file", "output under /proc", "output is a folder",
+                                  "folder named .jsonl in the input", "corrupt parquet", "output is the input"])
+def test_unusable_paths_fail_before_the_model_loads(path, input_file, tmp_path, capsys, no_engine, case):
+    before = open(input_file).read()
+    inputs, output, message = input_file, str(tmp_path / "out.jsonl"), None
+    if case == "output under a file":
+        output, message = f"{input_file}/out.jsonl", f"--output {input_file}/out.jsonl: cannot write there: "
+    elif case == "output under /proc":
+        output, message = "/proc/nanovllm-test/out.jsonl", "--output /proc/nanovllm-test/out.jsonl: cannot write"
+    elif case == "output is a folder":
+        os.mkdir(output)
+        message = f"--output {output} is a directory"
+    elif case == "folder named .jsonl in the input":
+        os.mkdir(tmp_path / "sub.jsonl")
+        inputs, message = str(tmp_path), f"input {tmp_path}/sub.jsonl: Is a directory"
+    elif case == "corrupt parquet":
+        (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+        inputs, message = str(tmp_path / "bad.parquet"), f"input {tmp_path}/bad.parquet: not a readable Parquet file"
+    else:
+        output, message = input_file, f"--output {input_file} is an input file"
+    assert batch_cli.main(cli(path, inputs, output)) == 2
+    assert one_line_error(capsys).startswith(f"nanovllm.batch: error: {message}")
+    assert open(input_file).read() == before
+
+
+def test_tensor_parallel_size_in_engine_kwargs_points_to_tp(path, input_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        batch_cli.main(cli(path, input_file, str(tmp_path / "o.jsonl"), "--engine-kwargs",
+                           '{"tensor_parallel_size": 2}'))
+    assert exit.value.code == 2
+    assert "error: --engine-kwargs: give tensor_parallel_size with --tp instead" in capsys.readouterr().err
+
+
+def test_sigterm_leaves_no_partial_file(path, input_file, tmp_path):
+    output = tmp_path / "out"
+    args = cli(path, input_file, str(output / "out.jsonl"), "--no-ray", "--max-tokens", "200",
+               "--sampling-params", '{"ignore_eos": true}')
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    job = subprocess.Popen([sys.executable, "-m", "nanovllm.batch", *args], cwd=repo, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and os.listdir(output)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(output) == [f".out.jsonl.{job.pid}.tmp"]  # the job is writing
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        job.kill()
+    assert os.listdir(output) == []
