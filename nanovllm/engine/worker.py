@@ -31,6 +31,7 @@ INITIAL_BUFFER_BYTES = 1 << 22         # grows on demand (a resize message trave
 POLL_SECONDS = 0.5                     # how often a waiting side checks that its peer lives
 START_TIMEOUT_SECONDS = 600            # the store's wait for a peer's address during the rendezvous
 JOINED_KEY = "nanovllm_joined"         # each worker adds 1 once connected to rank 0's store
+FAILED_KEY = "nanovllm_failed_rank_"   # + rank: why that worker could not start (one line)
 EXIT_VISIBLE_SECONDS = 2              # after a failed collective, how long a dying worker may take to show
 KILL_GRACE_SECONDS = 30                # a healthy worker's time to leave after 'exit'
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -101,7 +102,10 @@ class WorkerGroup:
             raise WorkerDied(self.failure)
         for rank, p in enumerate(self.procs, start=1):
             if p.exitcode is not None:
-                self.failure = (f"tensor-parallel worker rank {rank} died (exit code {p.exitcode}); if it died "
+                key = f"{FAILED_KEY}{rank}"
+                self.failure = (f"tensor-parallel worker rank {rank} did not start: {self.store.get(key).decode()}"
+                                if self.store.check([key]) else
+                                f"tensor-parallel worker rank {rank} died (exit code {p.exitcode}); if it died "
                                 f"at start-up, check that your script creates LLM under `if __name__ == '__main__':`")
                 raise WorkerDied(self.failure)
 
@@ -198,7 +202,11 @@ def worker_main(config: Config, model_config: ModelConfig, max_model_len: int, r
     store = dist.TCPStore("127.0.0.1", store_port, config.tensor_parallel_size, is_master=False,
                           timeout=timedelta(seconds=START_TIMEOUT_SECONDS))
     store.add(JOINED_KEY, 1)
-    runner = ModelRunner(config, model_config, max_model_len, device, rank, store)
+    try:
+        runner = ModelRunner(config, model_config, max_model_len, device, rank, store)
+    except Exception as e:  # NOTE: told to rank 0 as one line, not printed here as a second traceback
+        store.set(f"{FAILED_KEY}{rank}", f"{type(e).__name__}: {e}")
+        raise SystemExit(1) from None
     shm = SharedMemory(name=shm_name)
     parent = mp.parent_process()
     try:

@@ -124,3 +124,34 @@ def test_worker_dying_before_the_rendezvous_is_reported_in_seconds(checkpoint, t
     assert "WorkerDied" in proc.stderr and "if __name__ == '__main__':" in proc.stderr, proc.stderr
     assert "leaked shared_memory" not in proc.stderr, proc.stderr
     assert elapsed < 60, elapsed  # the worker's own start-up; it used to be the store's 30 minutes
+
+
+def test_a_worker_that_cannot_start_tells_rank_0_in_one_line(checkpoint, monkeypatch):
+    """Its reason reaches rank 0's WorkerDied, and it exits without a traceback of its own (which,
+    printed beside rank 0's one-line error, told the same story twice). Run in this process with
+    the runner failing as a bad checkpoint makes it fail: which rank fails first is a race."""
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    from nanovllm.config import Config, ModelConfig
+    from nanovllm.engine import model_runner, worker
+
+    def broken_runner(*args):
+        raise ValueError("checkpoint tensor 'x': shape mismatch")
+    monkeypatch.setattr(model_runner, "ModelRunner", broken_runner)
+    config = Config(checkpoint("qwen3"), tensor_parallel_size=2)
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    threads = torch.get_num_threads()  # NOTE: a CPU worker sets its share of the cores
+    with pytest.raises(SystemExit) as e:
+        try:
+            worker.worker_main(config, ModelConfig.from_dir(config.model), 128, 1, store.port, "unused", None, None)
+        finally:
+            torch.set_num_threads(threads)
+    assert e.value.code == 1 and e.value.__suppress_context__  # multiprocessing prints no traceback for it
+    group = SimpleNamespace(failure=None, store=store, procs=[SimpleNamespace(exitcode=1)])
+    with pytest.raises(worker.WorkerDied, match=r"^tensor-parallel worker rank 1 did not start: ValueError: "
+                                                 r"checkpoint tensor 'x': shape mismatch$"):
+        worker.WorkerGroup.check_alive(group)
