@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+if not any(Path(p, "nanovllm").is_dir() for p in sys.path if p):  # PYTHONPATH picks the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanovllm.engine.cuda_graph import graph_batch_sizes  # noqa: E402
 from nanovllm.kernels.fused_moe import MoeTiles, fused_experts, tiles_for  # noqa: E402
