@@ -184,11 +184,13 @@ def main(argv=None) -> int:
             print(f"  padding bs={bs:4d} -> graph {padded:4d}: padding routed {routed * 1e6:8.1f} us, "
                   f"routed nowhere {nowhere * 1e6:8.1f} us ({routed / nowhere:.2f}x)")
         rows.append((bs, touched, seconds, err, best))
-    print(f"\n{'batch':>5} {'tiles (M,N,K,warps,stages)':>27} {'MiB touched':>11} {'us/layer':>9} {'TB/s':>6} "
+    print(f"\n{'batch':>5} {'tiles (M,N,K,warps,stages)':>27} {'down (N,K,w,s)':>16} {'MiB touched':>11} {'us/layer':>9} {'TB/s':>6} "
           f"{'x bound':>7} {'TFLOP/s':>7} {'rel err':>8}" + (f" {'best sweep':>34}" if args.sweep else ""))
     for bs, touched, seconds, err, best in rows:
         bound = touched / (H200_TBPS * 1e12)
-        line = (f"{bs:>5} {str(tuple(tiles_for(bs))):>27} {touched / 2**20:>11.1f} {seconds * 1e6:>9.1f} "
+        tiles, down = tiles_for(bs)
+        down = "same" if down == tiles else str(tuple(down)[1:])
+        line = (f"{bs:>5} {str(tuple(tiles)):>27} {down:>16} {touched / 2**20:>11.1f} {seconds * 1e6:>9.1f} "
                 f"{touched / seconds / 1e12:>6.2f} {seconds / bound:>7.2f} "
                 f"{6 * bs * args.top_k * args.hidden * args.inter / seconds / 1e12:>7.0f} {err:>8.1e}")
         if best is not None:

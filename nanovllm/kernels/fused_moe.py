@@ -31,21 +31,24 @@ class MoeTiles(NamedTuple):
     num_stages: int
 
 
-# (largest num_tokens, tiles), measured on the H200 with benchmarks/fused_moe.py --sweep (docs/moe.md).
-# Qwen3-30B-A3B routes num_tokens * 8 pairs over 128 experts: ~1 row per touched expert at 16
-# tokens, 4 at 64, 16 at 256, 32 at 512, so decode's BLOCK_M holds most experts in one block
-# (each expert's weights read once); prefill is compute bound and wants 128 x 128 tiles.
-TILE_TABLE: tuple[tuple[int, MoeTiles], ...] = (
-    (16, MoeTiles(16, 32, 128, 4, 4)),
-    (64, MoeTiles(16, 64, 128, 4, 3)),
-    (256, MoeTiles(32, 64, 128, 4, 3)),
-    (2048, MoeTiles(64, 128, 64, 4, 4)),
-    (1 << 62, MoeTiles(128, 128, 64, 8, 3)),
+# (largest num_tokens, gate/up tiles, down tiles or None: the same), measured with
+# benchmarks/fused_moe.py --sweep / --sweep-down (docs/moe.md). Qwen3-30B-A3B routes num_tokens * 8
+# pairs over 128 experts: ~1 row per touched expert at 16 tokens, 4 at 64, 16 at 256, 32 at 512,
+# so decode's BLOCK_M holds most experts in one block (each expert's weights read once); prefill
+# is compute bound and wants 128 x 128 tiles, 128 x 256 for down (K = moe_intermediate is short).
+TILE_TABLE: tuple[tuple[int, MoeTiles, MoeTiles | None], ...] = (
+    (16, MoeTiles(16, 32, 128, 4, 4), None),
+    (64, MoeTiles(16, 64, 128, 4, 3), None),
+    (256, MoeTiles(32, 64, 128, 4, 3), None),
+    (2048, MoeTiles(64, 128, 64, 4, 4), None),
+    (1 << 62, MoeTiles(128, 128, 64, 8, 3), MoeTiles(128, 256, 64, 8, 3)),
 )
 
 
-def tiles_for(num_tokens: int) -> MoeTiles:
-    return next(tiles for limit, tiles in TILE_TABLE if num_tokens <= limit)
+def tiles_for(num_tokens: int) -> tuple[MoeTiles, MoeTiles]:
+    """(gate/up tiles, down tiles) for a batch of num_tokens."""
+    tiles, down = next((tiles, down) for limit, tiles, down in TILE_TABLE if num_tokens <= limit)
+    return tiles, down or tiles
 
 
 class ExpertBlocks(NamedTuple):
@@ -254,15 +257,19 @@ def fused_experts(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
     """x [num_tokens, hidden], gate_up [E, 2 * inter, hidden], down [E, hidden, inter],
     topk_weights (float32) / topk_ids [num_tokens, top_k] -> [num_tokens, hidden]:
     sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x[t]), where id E adds nothing (a
-    CUDA-graph padding row, see `topk_softmax`). `down_tiles` (default `tiles`)
-    may differ from `tiles` in all but block_m, which the alignment fixes for both GEMMs."""
+    CUDA-graph padding row, see `topk_softmax`). Tiles default to `TILE_TABLE`'s; `down_tiles`
+    (default: `tiles` when given) may differ from `tiles` in all but block_m, which the
+    alignment fixes for both GEMMs."""
     num_tokens, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, inter = down.shape[0], down.shape[2]
     if num_tokens == 0:
         return torch.zeros_like(x)
-    tiles = tiles or tiles_for(num_tokens)
-    down_tiles = (down_tiles or tiles)._replace(block_m=tiles.block_m)
+    if tiles is None:
+        tiles, default_down = tiles_for(num_tokens)
+    else:  # a caller's tiles (benchmarks) serve both GEMMs unless down_tiles says otherwise
+        default_down = tiles
+    down_tiles = (down_tiles or default_down)._replace(block_m=tiles.block_m)
     blocks = align_by_expert(topk_ids, num_experts, tiles.block_m)
     num_pairs = num_tokens * top_k
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()

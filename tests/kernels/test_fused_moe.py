@@ -182,7 +182,7 @@ def test_fused_experts_match_reference_cuda_bf16(weights_bf16, num_tokens, load)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("num_tokens", [1, 64, 512])
+@pytest.mark.parametrize("num_tokens", [1, 64, 512, 3000])  # 3000: the 128 x 256 down tile, 192 KiB in float32
 def test_fused_experts_match_reference_cuda_fp32(num_tokens):
     gate_up, down = make_weights(16, 256, 128, torch.float32, "cuda")
     x = torch.randn(num_tokens, 256, device="cuda")
