@@ -206,14 +206,19 @@ def _expert_gemm_kernel(a_ptr, w_ptr, out_ptr, pair_ids_ptr, block_experts_ptr, 
                         PRECISION: tl.constexpr):
     """One block of pairs (all of one expert e) x one tile of n:
     GATED (gate/up): out[pair, n] = silu(a[row] . w[e, n]) * (a[row] . w[e, n_size + n]), row = pair // top_k;
-    else (down):     out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n])."""
-    expert = tl.load(block_experts_ptr + tl.program_id(0))
+    else (down):     out[pair, n] = routing_weight[pair] * (a[pair] . w[e, n]).
+    Programs run a block's n tiles one after another, so its gathered rows stay in L2 across
+    them (as do an expert's weights across its blocks); with the blocks varying fastest, a
+    prefill's rows (hundreds of MB) were read from memory again for every n tile."""
+    num_n_tiles = tl.cdiv(n_size, BLOCK_N)
+    block = tl.program_id(0) // num_n_tiles
+    expert = tl.load(block_experts_ptr + block)
     if expert < 0:
         return
-    pairs = tl.load(pair_ids_ptr + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M))
+    pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
     valid = pairs < num_pairs
     a_rows = (pairs // pairs_per_a_row).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(0) % num_n_tiles * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_size
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]                                    # [BLOCK_M, BLOCK_K]
@@ -244,7 +249,7 @@ def _expert_gemm(a, w, out, blocks: ExpertBlocks, weights, pairs_per_a_row: int,
     # NOTE: the table's stages are sized for 2-byte inputs; float32 tiles take twice the shared
     # memory ((64, 128, 64) at 4 stages: 240 KiB, over the H100/H200's 227), so at most 3
     stages = tiles.num_stages if a.element_size() <= 2 else min(tiles.num_stages, 3)
-    _expert_gemm_kernel[(blocks.block_experts.numel(), triton.cdiv(n_size, tiles.block_n))](
+    _expert_gemm_kernel[(blocks.block_experts.numel() * triton.cdiv(n_size, tiles.block_n),)](
         a, w, out, blocks.pair_ids, blocks.block_experts, weights, out.shape[0], pairs_per_a_row, n_size, k_size,
         a.stride(0), w.stride(0), w.stride(1), out.stride(0), GATED=gated, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, PRECISION=precision, num_warps=tiles.num_warps,
