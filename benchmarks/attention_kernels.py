@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

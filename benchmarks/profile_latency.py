@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH, which picks the package
 import bench  # noqa: E402
 import nanovllm.engine.llm_engine as E  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402

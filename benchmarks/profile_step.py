@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # after PYTHONPATH, which picks the package
 import bench  # noqa: E402
 from nanovllm import LLM  # noqa: E402
 from nanovllm.engine.kv_cache import kv_cache_dtype  # noqa: E402

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 from nanovllm.engine.sampling_batch import build_sampling_tensors  # noqa: E402
 from nanovllm.engine.sequence import Sequence  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 from nanovllm.kernels.skinny_gemm import SkinnyConfig, default_config, skinny_linear  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere in the repo
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 from nanovllm.engine.sequence import Sequence, SequenceStatus  # noqa: E402
 from nanovllm.engine.structured_output import GrammarManager  # noqa: E402
