@@ -185,7 +185,8 @@ def _check_hf_fields(hf: dict) -> None:
            f"a divisor of num_attention_heads={heads} (each KV head serves a whole group of query heads)")
     if hf.get("head_dim") is None:  # derived as hidden_size // heads, as HF does
         _check(hf["hidden_size"] % heads == 0 and (hf["hidden_size"] // heads) % 2 == 0,
-               "config.json num_attention_heads", heads, f"a divisor of hidden_size={hf['hidden_size']} leaving an even head_dim (or give head_dim)")
+               "config.json num_attention_heads", heads,
+               f"a divisor of hidden_size={hf['hidden_size']} leaving an even head_dim (or give head_dim)")
     for name in ("num_experts", "num_local_experts", "moe_intermediate_size"):
         optional(name, lambda x: _is_int(x) and x >= 0, "an integer >= 0")
     optional("shared_expert_intermediate_size", lambda x: _is_int(x) and x >= 0, "an integer >= 0")

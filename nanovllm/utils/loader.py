@@ -64,7 +64,6 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         param.uniform_(-DUMMY_INIT_RANGE, DUMMY_INIT_RANGE, generator=generator)
 
 
-@torch.no_grad()
 def _check_index(path: str) -> None:
     """Shards named by model.safetensors.index.json must all be present: a missing one would
     otherwise show only as missing weights, after every other shard has loaded."""
@@ -79,6 +78,7 @@ def _check_index(path: str) -> None:
         raise FileNotFoundError(f"checkpoint shard(s) {missing[:5]} named by {index} are missing")
 
 
+@torch.no_grad()
 def load_model(model: nn.Module, path: str, load_format: str = "auto") -> None:
     """Load every `*.safetensors` tensor under `path` through its parameter's
     `weight_loader`; raise if a parameter (or fused shard) is missing, loaded twice, or a
