@@ -57,8 +57,10 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # tokenizers/sentencepiece/json each fail their own way on a broken file
-        raise ValueError(f"cannot load the tokenizer in {path!r} from {present} "
-                         f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())}"
+        if type(e).__name__.startswith("StrictDataclass"):  # transformers validates config.json on the way
+            raise ValueError(f"{os.path.join(path, 'config.json')} is rejected by transformers ({reason})") from e
+        raise ValueError(f"cannot load the tokenizer in {path!r} from {present} ({reason})") from e
 
 
 def demo_gguf_path() -> str:

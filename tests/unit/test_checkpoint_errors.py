@@ -56,6 +56,19 @@ def test_config_json_field_of_the_wrong_type(model_copy):
         LLM(model_copy, **ENGINE)
 
 
+def test_config_json_that_transformers_rejects_is_blamed_on_config_json(model_copy):
+    """transformers validates config.json while loading the tokenizer: its error used to read
+    "cannot load the tokenizer" although the tokenizer files were fine."""
+    path = os.path.join(model_copy, "config.json")
+    config = read_hf_config(model_copy)
+    config["layer_types"] = config["layer_types"] + ["full_attention"]  # one more than num_hidden_layers
+    with open(path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError) as e:
+        LLM(model_copy, **ENGINE)
+    assert one_line(e).startswith(f"{path} is rejected by transformers") and "layer_types" in str(e.value)
+
+
 def test_model_dir_without_a_tokenizer(model_copy):
     for name in os.listdir(model_copy):
         if name.startswith(("tokenizer", "special_tokens")):
