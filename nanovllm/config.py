@@ -5,6 +5,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from nanovllm.sampling_params import _is_int, _is_number  # NOTE: one meaning of "an int" / "a finite number"
+
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KV_CACHE_DTYPES = ("auto", "fp8")  # auto: the model's dtype; fp8: float8 e4m3 with per-token scales
@@ -20,12 +22,6 @@ def _check(ok: bool, name: str, value, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -111,20 +107,27 @@ class Config:
         return device
 
 
+def read_json_object(path: str) -> dict:
+    """A JSON file that must hold an object (config.json, generation_config.json); a one-line
+    ValueError naming the file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        what = "is empty" if os.path.getsize(path) == 0 else f"is not valid JSON ({e})"
+        raise ValueError(f"{path} {what}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
+
+
 def read_hf_config(path: str) -> dict:
     """The model directory's config.json, as a dict; a one-line ValueError naming the file
     when it is not a JSON object or lacks a required field."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in model directory {path!r}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            hf = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        what = "is empty" if os.path.getsize(config_path) == 0 else f"is not valid JSON ({e})"
-        raise ValueError(f"{config_path} {what}") from None
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got a {type(hf).__name__}")
+    hf = read_json_object(config_path)
     for name in REQUIRED_HF_FIELDS:
         value = hf.get(name)
         if not _is_int(value) or value < 1:
@@ -165,16 +168,13 @@ def _check_hf_fields(hf: dict) -> None:
     def positive_int(x) -> bool:
         return _is_int(x) and x >= 1
 
-    def real(x) -> bool:  # finite, bool excluded
-        return _is_number(x) and abs(x) < float("inf")
-
     optional("architectures", lambda x: isinstance(x, list) and all(isinstance(a, str) for a in x),
              "a list of model class names")
     optional("num_key_value_heads", positive_int, "an integer >= 1")
     optional("head_dim", lambda x: _is_int(x) and x >= 2 and x % 2 == 0, "an even integer >= 2 (RoPE rotates pairs)")
     optional("max_position_embeddings", lambda x: _is_int(x) and x >= 2, "an integer >= 2")
-    optional("rms_norm_eps", lambda x: real(x) and x >= 0, "a number >= 0")
-    optional("rope_theta", lambda x: real(x) and x > 0, "a number > 0")
+    optional("rms_norm_eps", lambda x: _is_number(x) and x >= 0, "a number >= 0")
+    optional("rope_theta", lambda x: _is_number(x) and x > 0, "a number > 0")
     optional("rope_scaling", lambda x: isinstance(x, dict), "an object or null")
     optional("rope_parameters", lambda x: isinstance(x, dict), "an object or null")
     for name in ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob"):

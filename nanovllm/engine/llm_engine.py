@@ -1,7 +1,6 @@
 """The engine: request intake and validation, the step loop, detokenization, progress."""
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -14,7 +13,7 @@ from numbers import Integral
 
 import torch
 
-from nanovllm.config import Config, ModelConfig, check_sliding_window, read_hf_config
+from nanovllm.config import Config, ModelConfig, check_sliding_window, read_hf_config, read_json_object
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.chat import chat_prompt_ids
 from nanovllm.engine.input_batch import build_step_inputs
@@ -42,14 +41,7 @@ def _eos_ids(path: str, tokenizer, hf_config: dict) -> frozenset[int]:
     sources = [tokenizer.eos_token_id, hf_config.get("eos_token_id")]
     gen_path = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen_path):
-        try:
-            with open(gen_path, encoding="utf-8") as f:
-                generation = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{gen_path} is not valid JSON ({e})") from None
-        if not isinstance(generation, dict):
-            raise ValueError(f"{gen_path} must hold a JSON object, got a {type(generation).__name__}")
-        sources.append(generation.get("eos_token_id"))
+        sources.append(read_json_object(gen_path).get("eos_token_id"))
     for src in sources:
         if isinstance(src, int):
             ids.add(src)

@@ -140,7 +140,8 @@ def test_a_shard_missing_from_the_index_is_named(model_copy):
         LLM(model_copy, **ENGINE)
 
 
-@pytest.mark.parametrize("content,problem", [("", "is not valid JSON"), ("[1]", "must hold a JSON object")])
+@pytest.mark.parametrize("content,problem", [("", "is empty"), ("{", "is not valid JSON"),
+                                             ("[1]", "must hold a JSON object")])
 def test_bad_generation_config_json(model_copy, content, problem):
     path = os.path.join(model_copy, "generation_config.json")
     with open(path, "w") as f:
