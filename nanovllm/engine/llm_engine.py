@@ -116,32 +116,32 @@ class LLMEngine:
                 "kv_cache_dtype": str(self.model_runner.kv_pool.cache.dtype).replace("torch.", "")}
 
     # ---- intake ------------------------------------------------------------------------
-    def _token_ids(self, i: int, prompt) -> list[int]:
+    def _token_ids(self, name: str, prompt) -> list[int]:
         if isinstance(prompt, str):
             try:
                 token_ids = self.tokenizer.encode(prompt)
             except (TypeError, ValueError) as e:  # e.g. a lone surrogate
-                raise ValueError(f"prompts[{i}] cannot be tokenized: {e}") from e
+                raise ValueError(f"{name} cannot be tokenized: {e}") from e
         elif _is_token_ids(prompt):
             token_ids = list(map(int, prompt))  # NOTE: numpy integers become plain ints
         else:
-            raise TypeError(f"prompts[{i}] must be a string or a list of int token ids, got {type(prompt).__name__}")
+            raise TypeError(f"{name} must be a string or a list of int token ids, got {type(prompt).__name__}")
         if not token_ids:
-            raise ValueError(f"prompts[{i}] is empty")
+            raise ValueError(f"{name} is empty")
         vocab = self.model_config.vocab_size
         if min(token_ids) < 0 or max(token_ids) >= vocab:
             bad = next(t for t in token_ids if not 0 <= t < vocab)
-            raise ValueError(f"prompts[{i}] has token id {bad} outside [0, {vocab})")
+            raise ValueError(f"{name} has token id {bad} outside [0, {vocab})")
         return token_ids
 
-    def _check_fits(self, i: int, num_prompt_tokens: int, params: SamplingParams) -> None:
+    def _check_fits(self, name: str, num_prompt_tokens: int, params: SamplingParams) -> None:
         total = num_prompt_tokens + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompts[{i}]: prompt length {num_prompt_tokens} + max_tokens {params.max_tokens} = "
+            raise ValueError(f"{name}: prompt length {num_prompt_tokens} + max_tokens {params.max_tokens} = "
                              f"{total} exceeds max_model_len {self.max_model_len}")
         blocks = self.block_manager.blocks_needed(total)
         if blocks > self.block_manager.num_blocks:
-            raise ValueError(f"prompts[{i}]: {total} tokens need {blocks} KV blocks but the whole cache has "
+            raise ValueError(f"{name}: {total} tokens need {blocks} KV blocks but the whole cache has "
                              f"{self.block_manager.num_blocks}")
 
     def _check_params(self, i: int, params: SamplingParams) -> None:
@@ -154,8 +154,9 @@ class LLMEngine:
             raise ValueError(f"sampling_params[{i}]: stop_token_ids has {bad[0]} outside [0, {vocab})")
         self.grammars.check(i, params)  # compiles the constraint (cached)
 
-    def make_requests(self, prompts, sampling_params) -> list[Sequence]:
-        """Validate every request before any is queued: a bad one raises and none runs."""
+    def make_requests(self, prompts, sampling_params, what: str = "prompts") -> list[Sequence]:
+        """Validate every request before any is queued: a bad one raises and none runs.
+        Errors name a request as `{what}[i]` (chat: conversations[i])."""
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and _is_token_ids(prompts)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)):
@@ -171,13 +172,13 @@ class LLMEngine:
                             f"got {type(sampling_params).__name__}")
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+            raise ValueError(f"got {len(prompts)} {what} but {len(sampling_params)} sampling params")
         seqs = []
         for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
             if not isinstance(params, SamplingParams):
                 raise TypeError(f"sampling_params[{i}] must be a SamplingParams, got {type(params).__name__}")
-            token_ids = self._token_ids(i, prompt)
-            self._check_fits(i, len(token_ids), params)
+            token_ids = self._token_ids(f"{what}[{i}]", prompt)
+            self._check_fits(f"{what}[{i}]", len(token_ids), params)
             self._check_params(i, params)
             seqs.append(Sequence(token_ids, params))
         return seqs
@@ -293,7 +294,9 @@ class LLMEngine:
           logprobs (when asked): per generated token {"token_id", "logprob", "top_logprobs": {id: logprob}},
           outputs (when n > 1): the n completions, each with the fields above and its index;
             the top-level fields are the first's."""
-        seqs = self.make_requests(prompts, sampling_params)
+        return self._generate(self.make_requests(prompts, sampling_params), use_tqdm)
+
+    def _generate(self, seqs: list[Sequence], use_tqdm: bool) -> list[dict]:
         with self._exclusive("generate()"):
             requests = self.outputs.add(seqs)
             for _ in self._run(requests, use_tqdm):
@@ -347,14 +350,15 @@ class LLMEngine:
         the tokenizer's chat template (or `chat_template`); `chat_template_kwargs` go to the
         template (e.g. Qwen3's enable_thinking=False). Returns generate's dicts, one per conversation."""
         prompts = chat_prompt_ids(self.tokenizer, messages, chat_template, add_generation_prompt, chat_template_kwargs)
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self._generate(self.make_requests(prompts, sampling_params, "conversations"), use_tqdm)
 
     def chat_stream(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
                     chat_template: str | None = None, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict | None = None) -> Iterator[dict]:
         """`stream` on conversations, as `chat` takes them; a delta's `index` is its conversation's."""
+        self._check_idle("stream()")
         prompts = chat_prompt_ids(self.tokenizer, messages, chat_template, add_generation_prompt, chat_template_kwargs)
-        return self.stream(prompts, sampling_params)
+        return self._stream(self.make_requests(prompts, sampling_params, "conversations"))
 
     def _run(self, requests: list[RequestState], use_tqdm: bool) -> Iterator[dict]:
         """Step until the scheduler is empty, yielding stream deltas after each step."""

@@ -84,3 +84,13 @@ def test_no_chat_template_is_a_clear_error(llm, monkeypatch):
         llm.chat(CONVERSATIONS, GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="no chat template"):
         llm.chat_stream(CONVERSATIONS, GREEDY)
+
+
+def test_a_conversation_too_long_is_named_as_a_conversation(llm):
+    """The length checks run on the template's token ids; the error names the conversation."""
+    long_turn = [{"role": "user", "content": " ".join(["t10"] * 300)}]  # t3, 300 x t10, t4, t5: 303 ids
+    for run in (lambda: llm.chat([CONVERSATIONS[0], long_turn], GREEDY, use_tqdm=False),
+                lambda: llm.chat_stream([CONVERSATIONS[0], long_turn], GREEDY)):
+        with pytest.raises(ValueError, match=rf"^conversations\[1\]: prompt length {300 + 3} \+ max_tokens 6"):
+            run()
+        assert not llm.has_unfinished_work()
