@@ -5,7 +5,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from nanovllm.sampling_params import _is_int, _is_number  # NOTE: one meaning of "an int" / "a finite number"
+# NOTE: one meaning of "an int" / "a finite number", one form of the error
+from nanovllm.sampling_params import _check, _is_int, _is_number
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -15,13 +16,6 @@ MAX_STEP_TIMEOUT_S = 7 * 24 * 3600   # a week: beyond it the collectives' timede
 # config.json fields every supported architecture needs (the rest have defaults)
 QWEN_MAX_WINDOW_LAYERS = 28   # transformers' Qwen2/Qwen3 default for max_window_layers
 REQUIRED_HF_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def _check(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
 
 
 @dataclass(frozen=True)
@@ -64,10 +58,12 @@ class Config:
                "gpu_memory_utilization", self.gpu_memory_utilization, "in (0, 1]")
         bs = self.kvcache_block_size
         _check(_is_int(bs) and bs >= 16 and bs & (bs - 1) == 0, "kvcache_block_size", bs, "a power of two >= 16")
-        _check(_is_int(self.num_kvcache_blocks) and (self.num_kvcache_blocks == -1 or self.num_kvcache_blocks >= 1),
-               "num_kvcache_blocks", self.num_kvcache_blocks, "-1 (auto) or an integer >= 1")
-        _check(_is_int(self.cpu_kvcache_bytes) and self.cpu_kvcache_bytes >= 1,
-               "cpu_kvcache_bytes", self.cpu_kvcache_bytes, "an integer >= 1")
+        # NOTE: sizes of memory: past int64 no tensor could hold them (and 10**400 overflows a float)
+        blocks = self.num_kvcache_blocks
+        _check(_is_int(blocks) and (blocks == -1 or 1 <= blocks < 2**63), "num_kvcache_blocks", blocks,
+               "-1 (auto) or an integer in [1, 2**63)")
+        _check(_is_int(self.cpu_kvcache_bytes) and 1 <= self.cpu_kvcache_bytes < 2**63,
+               "cpu_kvcache_bytes", self.cpu_kvcache_bytes, "an integer in [1, 2**63)")
         for name in ("enforce_eager", "enable_prefix_caching", "enable_overlap"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
         _check(self.device is None or self.device in ("cpu", "cuda") or str(self.device).startswith("cuda:"),

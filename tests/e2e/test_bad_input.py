@@ -181,6 +181,14 @@ def test_bad_config_value(checkpoint, field, value):
     assert field in str(info.value) and repr(value) in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("field", ["kvcache_block_size", "num_kvcache_blocks", "cpu_kvcache_bytes"])
+def test_a_huge_config_value_is_cut_to_one_readable_line(checkpoint, field):
+    with pytest.raises(ValueError) as info:
+        LLM(checkpoint("qwen3"), **{field: 10**400})
+    message = str(info.value)
+    assert message.startswith(f"{field} must be") and len(message) < 300 and "\n" not in message
+
+
 @pytest.mark.parametrize("bs", [16, 32, 64, 256])
 def test_power_of_two_block_sizes_are_accepted(checkpoint, bs):
     llm = LLM(checkpoint("qwen3"), kvcache_block_size=bs, num_kvcache_blocks=4, max_model_len=256)
