@@ -14,6 +14,7 @@ a greedy mismatch is accepted only where HF's logits show a float32 tie."""
 import random
 
 import pytest
+import torch
 
 from nanovllm import LLM, SamplingParams
 from tests.conftest import VOCAB
@@ -179,4 +180,24 @@ def test_outputs_do_not_depend_on_scheduling(path, workload, expected, name):
     # the same engine again, its prefix cache warm: still the same outputs
     again, _ = run(llm, prompts[:50], params[:50])
     assert [completions(o) for o in again] == [completions(o) for o in outs[:50]]
+    llm.exit()
+
+
+def test_the_start_up_prefill_passes_store_nothing(checkpoint):
+    """On CUDA the engine runs its largest prefill, and one token short of it, once the cache
+    exists, so Triton builds those kernels before a run. Their rows have slot -1 and every
+    page of their block tables is block 0: they must leave the cache as it was, so a request
+    that hits its prefix cache afterwards gets the same output."""
+    llm = LLM(checkpoint(), kvcache_block_size=16, num_kvcache_blocks=64, max_model_len=256, max_num_batched_tokens=300)
+    prompt, greedy = [[5, 6, 7, 8] * 20], SamplingParams(temperature=0, max_tokens=8)
+    before = llm.generate(prompt, greedy, use_tqdm=False)[0]["token_ids"]
+    layers = llm.model_runner.model.attention_layers()
+    caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in layers]
+    runner = llm.model_runner
+    for num_tokens in (runner._max_prefill_tokens(), runner._max_prefill_tokens() - 1):
+        runner._warmup_forward(num_tokens)
+    bits = lambda t: t.view(torch.uint8)  # noqa: E731  NOTE: unwritten blocks may hold NaN, which != itself
+    assert all(bits(k).equal(bits(layer.k_cache)) and bits(v).equal(bits(layer.v_cache))
+               for (k, v), layer in zip(caches, layers))
+    assert llm.generate(prompt, greedy, use_tqdm=False)[0]["token_ids"] == before
     llm.exit()

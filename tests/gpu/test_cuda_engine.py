@@ -272,3 +272,27 @@ def test_decode_units_change_no_output(qwen3_06b, monkeypatch):
         assert max(biggest_unit) == min(unit_size, 4)
     assert runs[8] == runs[1]
     assert len({tuple(s) for o in runs[8] for s in o}) == 64, "the samples differ"
+
+
+def test_an_odd_sized_prompt_step_compiles_no_kernel(qwen3_06b, monkeypatch):
+    """Triton compiles a kernel once per size class of its integer arguments (a multiple of
+    16 or not); once the cache exists the engine runs the budget's prefill and one token short
+    of it, so a run's first odd-sized prompt step (eager, above the RoPE kernel's tile
+    threshold, storing K/V) finds every kernel built. Without them the Qwen3-30B-A3B reference
+    run compiled five kernels (1.0 s) inside its clock on a fresh H200."""
+    import triton.runtime.jit as jit
+    once = SamplingParams(temperature=0, max_tokens=1)
+    llm = LLM(qwen3_06b, max_model_len=2048, num_kvcache_blocks=128, max_num_batched_tokens=512, enforce_eager=True)
+    try:
+        llm.generate(random_prompts([16], vocab=10000, seed=3), once, use_tqdm=False)  # the sampler's kernels
+        compiled, compile_fn = [], jit.JITFunction._do_compile
+
+        def logged(self, *args, **kwargs):
+            compiled.append(self.fn.__qualname__)
+            return compile_fn(self, *args, **kwargs)
+
+        monkeypatch.setattr(jit.JITFunction, "_do_compile", logged)
+        (out,) = llm.generate(random_prompts([301], vocab=10000, seed=4), once, use_tqdm=False)
+        assert len(out["token_ids"]) == 1 and compiled == []
+    finally:
+        llm.exit()
