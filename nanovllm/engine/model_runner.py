@@ -114,6 +114,7 @@ class ModelRunner:
             num_tokens = self._max_prefill_tokens()
             for n in dict.fromkeys((num_tokens, max(1, num_tokens - 1))):
                 self._warmup_forward(n)
+            torch.cuda.empty_cache()  # NOTE: as after _warmup: the graphs' pools start from the same free memory
 
     def _max_prefill_tokens(self) -> int:
         return min(self.config.max_num_batched_tokens, self.config.max_num_seqs * self.max_model_len)
