@@ -183,9 +183,8 @@ def _check_hf_fields(hf: dict) -> None:
         _check(hf["hidden_size"] % heads == 0 and (hf["hidden_size"] // heads) % 2 == 0,
                "config.json num_attention_heads", heads,
                f"a divisor of hidden_size={hf['hidden_size']} leaving an even head_dim (or give head_dim)")
-    for name in ("num_experts", "num_local_experts", "moe_intermediate_size"):
+    for name in ("num_experts", "num_local_experts", "moe_intermediate_size", "shared_expert_intermediate_size"):
         optional(name, lambda x: _is_int(x) and x >= 0, "an integer >= 0")
-    optional("shared_expert_intermediate_size", lambda x: _is_int(x) and x >= 0, "an integer >= 0")
     optional("mlp_only_layers", lambda x: isinstance(x, list) and all(_is_int(i) for i in x), "a list of layer ids")
     if (hf.get("num_experts") or hf.get("num_local_experts")) and not hf.get("moe_intermediate_size"):
         raise ValueError("config.json: a mixture-of-experts model (num_experts) needs moe_intermediate_size >= 1")
