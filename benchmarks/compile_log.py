@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-if not any(Path(p, "nanovllm").is_dir() for p in sys.path if p):  # PYTHONPATH picks the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 import triton.runtime.jit as jit  # noqa: E402
 

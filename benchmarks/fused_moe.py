@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-if not any(Path(p, "nanovllm").is_dir() for p in sys.path if p):  # PYTHONPATH picks the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 from nanovllm.engine.cuda_graph import graph_batch_sizes  # noqa: E402
 from nanovllm.kernels.fused_moe import MoeTiles, fused_experts, tiles_for  # noqa: E402

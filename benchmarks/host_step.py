@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-if not any(Path(p, "nanovllm").is_dir() for p in sys.path if p):  # PYTHONPATH picks the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # after PYTHONPATH, which picks the package
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.layers.sampler import SamplerOutput  # noqa: E402
