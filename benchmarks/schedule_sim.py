@@ -46,7 +46,7 @@ def main() -> None:
         kv_read += sum(seq.num_computed_tokens + 1 for seq in decodes)
         sampling = scheduler.on_launch(batch)
         scheduler.on_output(batch, {seq.seq_id: rng.randrange(bench.MAX_TOKEN_ID) for seq in sampling})
-    prompt_tokens, output_tokens, requests = workload.totals
+    prompt_tokens, _, requests = workload.totals
     print(f"{args.workload}: {requests} requests, KV cache {args.kv_tokens:,} tokens; {steps:,} steps, "
           f"{decode_rows / steps:.0f} decode rows a step on average, {scheduler.num_preemptions} preemptions; "
           f"tokens prefilled {prefill_tokens:,} ({prompt_tokens:,} in the prompts; recompute included, "
