@@ -1,19 +1,23 @@
-"""One-pass sampling (Triton): temperature, Gumbel noise and argmax over the vocabulary in one
-read of the logits. Top-k, top-p and min-p reach it as one logit threshold per row
-(`kernels/sampling_thresholds.py`), so no sampling setting sorts the vocabulary.
+"""Sampling kernels (Triton): temperature, the grammar bitmask, a top-k / top-p / min-p threshold
+and one draw per row, reading the logits once. The thresholds come from
+`kernels/sampling_thresholds.py`, so no sampling setting sorts the vocabulary.
 
-The Gumbel-max trick: argmax_i (x_i / T - log E_i) with E_i ~ Exp(1) is a draw from
-softmax(x / T), the same race the PyTorch sampler runs as argmax_i p_i / E_i, without the
-float32 copy, softmax, noise tensor and division, which read and write [rows, vocab] float32
-several times (~0.75 ms a step at batch 256 x 151,936 on an H200). Each program scans one
-chunk of one row and keeps its best (score, index); a second kernel picks each row's best
-chunk. Noise comes from Philox keyed by the row's key, counter id // 4 (one call, four ids),
-so a row's draw depends on its key alone, never on the batch. Temperature-0 rows take the
-plain argmax (first maximum on ties, as torch.argmax).
+A draw is an inverse-CDF lookup over softmax(x / T), in two kernels:
+  1. each program scans one 8,192-id chunk of one row: the chunk's largest z = x log2(e) / T,
+     its mass sum exp2(z - max), and (for greedy rows) its first largest logit;
+  2. one program per row sums the chunks' masses, draws u ~ U[0, 1) from Philox keyed by the
+     row's key, finds the chunk where the cumulative mass crosses u times the total, and walks
+     that chunk alone (16 KB of bf16 logits, still in L2) to the id where it crosses.
+The Gumbel race this replaces, argmax (x / T - log E) with E ~ Exp(1), drew a Philox word and
+took two logarithms per id: ~113 instructions an id, ~10x the time its logits take to read
+(0.23 ms of a 213-row decode step on an H100). Here an id costs two exp2 on the MUFU unit.
+The draw depends on the row's key alone, never on the batch; the target and the walk's running
+sum are float64, so even ids far below 2^-24 of the row's mass are drawn at their rate.
+Temperature-0 rows take the plain argmax (first maximum on ties, as torch.argmax).
 
   logits: [num_rows, vocab] any float dtype (not modified)
   temperatures: [num_rows] float32, 0 = greedy
-  keys: [num_rows] int64, the Philox key of each row's noise
+  keys: [num_rows] int64, the Philox key of each row's draw
   bitmask: [num_masked_rows, ceil(vocab / 32)] int32, optional: bit j of word w allows id 32 w + j
   mask_rows: [num_rows] int32, with bitmask: each row's bitmask row, -1 for a row it leaves free
   thresholds: [num_rows] float32, optional: a row draws among the ids whose logit is at least
@@ -28,22 +32,10 @@ import triton.language as tl
 
 CHUNK = 8192   # vocabulary ids per program: 19 chunks x 256 rows keep every SM busy
 BLOCK = 1024   # ids per load
-# Exp(1) from u = 1 - v (v uniform): -log1p(-v), by its series below SERIES_BELOW where
-# 1 - v would round away the small noise values that decide the largest Gumbel scores
-# (a constexpr: a jitted function reads no other globals)
-SERIES_BELOW = tl.constexpr(1.0 / 256)
-
-
-@triton.jit
-def _exponential(r):
-    """Exp(1) noise from uint32 random bits, accurate near 0 (the values that decide the race),
-    never 0 nor infinity."""
-    a = (r.to(tl.float32) + 0.5) * 2.3283064365386963e-10   # uniform in (0, 1), fine near 0
-    # the complement; a rounds to 1.0 for the top 128 r, and Exp(1) = inf there would make
-    # an id that is a row's only candidate (a grammar's forced token) lose to "no id"
-    b = tl.maximum(1.0 - a, 1.1641532182693481e-10)   # 2^-33
-    series = a * (1.0 + a * (0.5 + a * (1.0 / 3.0 + a * 0.25)))  # -log(1 - a) for small a
-    return tl.where(a < SERIES_BELOW, series, -tl.log(b))
+LOG2E = tl.constexpr(1.4426950408889634)
+# z is clamped below float32's largest value, so a tiny temperature cannot make it +inf (and
+# inf - inf NaN)
+HIGHEST = tl.constexpr(3.0e38)
 
 
 @triton.jit
@@ -70,62 +62,140 @@ def masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED: tl.constexpr
 
 
 @triton.jit
-def _chunk_argmax_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr, part_val_ptr,
-                         part_idx_ptr, vocab, stride_row, num_words, num_chunks,
-                         CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
-    row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    temp = tl.load(temps_ptr + row)
-    key = tl.load(keys_ptr + row)
-    greedy = temp == 0.0
-    inv_temp = 1.0 / tl.where(greedy, 1.0, temp)
-    best_val = tl.full([BLOCK // 4, 4], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK // 4, 4], 2147483647, tl.int32)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
-    mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
+def _candidates(row_ptr, words_ptr, mask_row, idx, vocab, threshold, MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
+    """The logits at idx that may be drawn (masked_logits, and -inf below the row's threshold)."""
+    x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
     if THRESHOLD:
-        threshold = tl.load(thresholds_ptr + row)
-    for start in tl.static_range(0, CHUNK, BLOCK):
-        # ids 4g..4g+3 take the four words of Philox counter g: one call (10 rounds of
-        # integer multiplies, most of this kernel's time) per four ids instead of one each
-        group = (chunk * CHUNK + start) // 4 + tl.arange(0, BLOCK // 4)
-        idx = group[:, None] * 4 + tl.arange(0, 4)[None, :]                 # [BLOCK // 4, 4]
-        x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
-        if THRESHOLD:
-            x = tl.where(x >= threshold, x, float("-inf"))
-        r0, r1, r2, r3 = tl.randint4x(key, group)
-        bits = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK // 4, 4)).to(tl.uint32, bitcast=True)
-        noise = -tl.log(_exponential(bits))   # Gumbel(0, 1)
-        score = tl.where(greedy, x, x * inv_temp + noise)  # NaN and padding: -inf, never taken
-        take = score > best_val   # strict: a lane keeps its first maximum
-        best_val = tl.where(take, score, best_val)
-        best_idx = tl.where(take, idx, best_idx)
-    best_val, best_idx = tl.reshape(best_val, (BLOCK,)), tl.reshape(best_idx, (BLOCK,))
-    top = tl.max(best_val, 0)
-    first = tl.min(tl.where(best_val == top, best_idx, 2147483647), 0)
-    tl.store(part_val_ptr + row * num_chunks + chunk, top)
-    tl.store(part_idx_ptr + row * num_chunks + chunk, first)
+        x = tl.where(x >= threshold, x, float("-inf"))
+    return x
 
 
 @triton.jit
-def _row_argmax_kernel(part_val_ptr, part_idx_ptr, out_ptr, num_chunks, BLOCK_C: tl.constexpr):
+def _scaled(x, scale):
+    """z = x log2(e) / T, finite above (-inf stays -inf: no mass)."""
+    return tl.minimum(x * scale, HIGHEST)
+
+
+@triton.jit
+def _finite(m):
+    """A running max to subtract: -inf (nothing seen yet) reads 0, so exp2(-inf - it) is 0, not NaN."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _row_setup(temps_ptr, thresholds_ptr, row, THRESHOLD: tl.constexpr):
+    """(greedy?, scale = log2(e) / T, the row's threshold)."""
+    temp = tl.load(temps_ptr + row)
+    greedy = temp == 0.0
+    scale = LOG2E / tl.where(greedy, 1.0, temp)
+    threshold = float("-inf")
+    if THRESHOLD:
+        threshold = tl.load(thresholds_ptr + row)
+    return greedy, scale, threshold
+
+
+@triton.jit
+def _chunk_kernel(logits_ptr, temps_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr,
+                  part_max_ptr, part_mass_ptr, part_val_ptr, part_idx_ptr, vocab, stride_row, num_words, num_chunks,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
+    """Per (row, chunk): the largest z, the mass sum exp2(z - that), the largest logit and its first id."""
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_C)
-    mask = offs < num_chunks
-    val = tl.load(part_val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
-    idx = tl.load(part_idx_ptr + row * num_chunks + offs, mask=mask, other=2147483647)
-    top = tl.max(val, 0)
-    first = tl.min(tl.where(val == top, idx, 2147483647), 0)
-    # NOTE: an all -inf row (the engine never sends one) would keep the sentinel: give id 0
-    tl.store(out_ptr + row, tl.where(first == 2147483647, 0, first).to(tl.int64))
+    chunk = tl.program_id(1)
+    greedy, scale, threshold = _row_setup(temps_ptr, thresholds_ptr, row, THRESHOLD)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
+    # per lane: a running max of z and the mass below it (rescaled as the max grows), the best logit
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    lane_mass = tl.zeros([BLOCK], tl.float32)
+    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], 2147483647, tl.int32)
+    for start in tl.static_range(0, CHUNK, BLOCK):
+        idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        x = _candidates(row_ptr, words_ptr, mask_row, idx, vocab, threshold, MASKED, THRESHOLD)
+        z = _scaled(x, scale)
+        new_max = tl.maximum(lane_max, z)
+        base = _finite(new_max)
+        lane_mass = lane_mass * tl.exp2(lane_max - base) + tl.exp2(z - base)
+        lane_max = new_max
+        take = x > best_val   # strict: a lane keeps its first maximum
+        best_val = tl.where(take, x, best_val)
+        best_idx = tl.where(take, idx, best_idx)
+    top = tl.max(lane_max, 0)
+    mass = tl.sum(lane_mass * tl.exp2(lane_max - _finite(top)), 0)
+    best = tl.max(best_val, 0)
+    first = tl.min(tl.where(best_val == best, best_idx, 2147483647), 0)
+    out = row * num_chunks + chunk
+    tl.store(part_max_ptr + out, top)
+    tl.store(part_mass_ptr + out, mass)
+    tl.store(part_val_ptr + out, best)
+    tl.store(part_idx_ptr + out, first)
 
 
-def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
-                  bitmask: torch.Tensor | None = None, mask_rows: torch.Tensor | None = None,
-                  thresholds: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
+@triton.jit
+def uniform64(key):
+    """U[0, 1) as float64 from the 53 high bits of two Philox words keyed by `key` (never 1)."""
+    r0, r1, _, _ = tl.randint4x(key, tl.zeros([1], tl.int32))
+    high = r0.to(tl.uint32, bitcast=True).to(tl.uint64)
+    low = r1.to(tl.uint32, bitcast=True).to(tl.uint64)
+    bits = (high << 21) | (low >> 11)
+    return tl.sum(bits.to(tl.float64), 0) * 1.1102230246251565e-16   # 2^-53
+
+
+@triton.jit
+def _draw_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr,
+                 part_max_ptr, part_mass_ptr, part_val_ptr, part_idx_ptr, out_ptr, vocab, stride_row, num_words,
+                 num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
+    row = tl.program_id(0)
+    greedy, scale, threshold = _row_setup(temps_ptr, thresholds_ptr, row, THRESHOLD)
+    chunks = tl.arange(0, BLOCK_C)
+    parts = row * num_chunks + chunks
+    in_row = chunks < num_chunks
+    # NOTE: a name bound in both branches must keep its type and shape, hence the distinct names
+    if greedy:
+        part_val = tl.load(part_val_ptr + parts, mask=in_row, other=float("-inf"))
+        part_idx = tl.load(part_idx_ptr + parts, mask=in_row, other=2147483647)
+        token = tl.min(tl.where(part_val == tl.max(part_val, 0), part_idx, 2147483647), 0)
+    else:
+        part_max = tl.load(part_max_ptr + parts, mask=in_row, other=float("-inf"))
+        part_mass = tl.load(part_mass_ptr + parts, mask=in_row, other=0.0)
+        # each chunk's mass at the row's scale, summed in float64 in chunk order
+        mass = (part_mass * tl.exp2(part_max - _finite(tl.max(part_max, 0)))).to(tl.float64)
+        cum = tl.cumsum(mass, 0)
+        total = tl.max(cum, 0)
+        target = uniform64(tl.load(keys_ptr + row)) * total
+        # the first chunk whose cumulative mass passes the target (rounding: the last with any)
+        last = tl.max(tl.where(mass > 0.0, chunks, 0), 0)
+        c = tl.minimum(tl.sum((cum <= target).to(tl.int32), 0), last)
+        before = tl.sum(tl.where(chunks == c - 1, cum, 0.0), 0)
+        this = chunks == c
+        c_max = tl.max(tl.where(this, part_max, float("-inf")), 0)
+        c_scale = tl.sum(tl.where(this, mass, 0.0), 0) / tl.sum(tl.where(this, part_mass, 0.0), 0)
+        local = (target - before) / c_scale   # the target in the chunk's own units, exp2(z - c_max)
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
+        running = tl.zeros([], tl.float64)
+        token = tl.full([], 2147483647, tl.int32)
+        last_id = tl.zeros([], tl.int32)
+        for start in range(0, CHUNK, BLOCK):
+            idx = c * CHUNK + start + tl.arange(0, BLOCK)
+            x = _candidates(row_ptr, words_ptr, mask_row, idx, vocab, threshold, MASKED, THRESHOLD)
+            w = tl.exp2(_scaled(x, scale) - c_max)
+            cum_w = running + tl.cumsum(w.to(tl.float64), 0)
+            token = tl.minimum(token, tl.min(tl.where(cum_w > local, idx, 2147483647), 0))
+            last_id = tl.maximum(last_id, tl.max(tl.where(w > 0.0, idx, 0), 0))
+            running = tl.max(cum_w, 0)
+        token = tl.where(token == 2147483647, last_id, token)   # rounding left the target past the chunk
+    # NOTE: an all -inf row (the engine never sends one) gives id 0
+    tl.store(out_ptr + row, tl.where(token == 2147483647, 0, token).to(tl.int64))
+
+
+def draw_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Tensor,
+                bitmask: torch.Tensor | None = None, mask_rows: torch.Tensor | None = None,
+                thresholds: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """[num_rows] int64 token ids: a draw from softmax(logits / T) per row, argmax where T = 0,
     over the ids its bitmask row allows, if any, and whose logit reaches its threshold, if any.
-    (`chunk`, `block`: powers of two, 4 <= block <= chunk; smaller ones let tests cross chunks cheaply.)"""
+    (`chunk`, `block`: powers of two, block <= chunk; smaller ones let tests cross chunks cheaply.)"""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     if num_rows == 0:
@@ -133,15 +203,17 @@ def gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     temperatures, keys = temperatures.contiguous(), keys.contiguous()   # read as flat arrays
     num_chunks = triton.cdiv(vocab, chunk)
-    part_val = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)
-    part_idx = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)
+    parts = [torch.empty(num_rows, num_chunks, dtype=dtype, device=logits.device)
+             for dtype in (torch.float32, torch.float32, torch.float32, torch.int32)]  # max, mass, val, idx
     masked = bitmask is not None
     bitmask = bitmask.contiguous() if masked else None
-    _chunk_argmax_kernel[(num_rows, num_chunks)](
-        logits, temperatures, keys, bitmask if masked else keys, mask_rows if masked else keys,
-        keys if thresholds is None else thresholds.contiguous(),
-        part_val, part_idx, vocab, logits.stride(0), bitmask.shape[1] if masked else 0, num_chunks,
-        CHUNK=chunk, BLOCK=block, MASKED=masked, THRESHOLD=thresholds is not None, num_warps=4)
-    _row_argmax_kernel[(num_rows,)](part_val, part_idx, out, num_chunks,
-                                    BLOCK_C=max(16, triton.next_power_of_2(num_chunks)), num_warps=1)
+    inputs = (logits, temperatures, bitmask if masked else keys, mask_rows if masked else keys,
+              keys if thresholds is None else thresholds.contiguous())
+    flags = dict(CHUNK=chunk, BLOCK=block, MASKED=masked, THRESHOLD=thresholds is not None)
+    num_words = bitmask.shape[1] if masked else 0
+    _chunk_kernel[(num_rows, num_chunks)](*inputs, *parts, vocab, logits.stride(0), num_words, num_chunks,
+                                          **flags, num_warps=4)
+    _draw_kernel[(num_rows,)](logits, temperatures, keys, *inputs[2:], *parts, out, vocab, logits.stride(0),
+                              num_words, num_chunks, BLOCK_C=max(16, triton.next_power_of_2(num_chunks)),
+                              **flags, num_warps=4)
     return out

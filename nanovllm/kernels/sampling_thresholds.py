@@ -1,4 +1,4 @@
-"""Top-k, top-p and min-p as one logit threshold per row (Triton), so the one-pass sampler
+"""Top-k, top-p and min-p as one logit threshold per row (Triton), so the sampler
 (`kernels/sampling.py`) draws among the ids whose logit reaches it, with no sort.
 
 The filters keep, of each row's distribution softmax(x / T) (after the grammar bitmask, if any):
@@ -11,16 +11,19 @@ NOTE: ids tied with the last one kept are all kept, where a sort would keep some
 
 The k-th largest logit and the top-p crossing logit are found by searching the order-keyed
 bits of float32 (an int32 whose order is the floats' order): each pass over the row counts
-(or sums the mass of) the ids at or above 15 candidate keys at once and narrows the range
+(or sums the mass of) the ids at or above 16 candidate keys at once and narrows the range
 16-fold, so 8 passes pin a float32 key exactly, 4 a bfloat16 one (its low 16 bits are 0).
-One program per row: its sums run in a fixed order, so a row's threshold never depends on
-the batch. The row stays in L2 across passes (152k bf16 logits are 300 KB).
+A pass is one launch over (row, 8,192-id chunk) programs: each writes its chunk's 16 sums,
+and every program of the next pass first narrows its row's range from them (summed over the
+chunks in a fixed order, so a row's threshold never depends on the batch). One program per row
+walking the whole row, as this module first did, left most SMs idle: 1.7 ms a step at 256 rows.
+Top-p's first pass also gives the mass it needs: its lowest candidate is the top-k floor.
 
   logits:       [num_rows, vocab] any float dtype (not modified)
   temperatures: [num_rows] float32, 0 = greedy (no threshold: -inf)
   top_k:        [num_rows] int64, 0 = off; top_p: [num_rows] float32, 1 = off;
   min_p:        [num_rows] float32, 0 = off; each may be None (off for every row)
-  bitmask / mask_rows: as `gumbel_argmax` (the grammar's allowed ids)
+  bitmask / mask_rows: as `draw_tokens` (the grammar's allowed ids)
 """
 import torch
 import triton
@@ -28,6 +31,7 @@ import triton.language as tl
 
 from nanovllm.kernels.sampling import bitmask_row, masked_logits
 
+CHUNK = 8192       # ids per program of a pass
 BLOCK = 512        # ids per load ([BLOCK, CANDIDATES] comparisons a step stay in registers)
 CANDIDATES = 16    # keys tested per pass (15 cut points and the range's start): 4 bits a pass
 
@@ -40,37 +44,6 @@ def _order_key(x):
 
 
 @triton.jit
-def _search(row_ptr, words_ptr, mask_row, vocab, target, floor_key, row_max, scale, lo, hi,
-            MASS: tl.constexpr, SHIFT: tl.constexpr, PASSES: tl.constexpr, MASKED: tl.constexpr,
-            BLOCK: tl.constexpr, CANDIDATES: tl.constexpr):
-    """The largest key K in [lo, hi] (keys >> SHIFT, as int64) with S(K) >= target, where S(K)
-    counts (MASS: sums exp2((x - row_max) * scale) over) the ids with floor_key <= key, K <= key.
-    Needs S(lo) >= target and S(hi + 1) < target."""
-    offs_c = tl.arange(0, CANDIDATES)
-    for _ in tl.static_range(PASSES):
-        step = (hi - lo + CANDIDATES) // CANDIDATES  # >= 1: candidates lo, lo + step, ... cover [lo, hi]
-        cand = lo + offs_c.to(tl.int64) * step  # [CANDIDATES]
-        # NOTE: summed per lane and reduced once a pass: a reduction per block costs barriers
-        total = tl.zeros([BLOCK, CANDIDATES], tl.float32)
-        for start in range(0, vocab, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
-            key = (_order_key(x) >> SHIFT).to(tl.int64)
-            if MASS:
-                w = tl.exp2((x - row_max) * scale)
-            else:
-                w = tl.where(x > float("-inf"), 1.0, 0.0)
-            w = tl.where(key >= floor_key, w, 0.0)
-            total += tl.where(key[:, None] >= cand[None, :], w[:, None], 0.0)
-        # the last candidate that still reaches the target opens the next range
-        reach = (tl.sum(total, 0) >= target) & (cand <= hi)
-        best = tl.max(tl.where(reach, cand, lo), 0)
-        hi = tl.minimum(best + step - 1, hi)
-        lo = best
-    return lo
-
-
-@triton.jit
 def _from_key(key, lowest, SHIFT: tl.constexpr):
     """The float32 whose order key (>> SHIFT) is `key`; -inf for `lowest` (below every logit)."""
     bits = (key << SHIFT).to(tl.int32)
@@ -79,41 +52,155 @@ def _from_key(key, lowest, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _threshold_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, mask_ptr, mask_rows_ptr, out_ptr,
-                      vocab, stride_row, num_words,
-                      TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, MASKED: tl.constexpr,
-                      SHIFT: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr, CANDIDATES: tl.constexpr):
+def _chunk_max_kernel(logits_ptr, mask_ptr, mask_rows_ptr, part_max_ptr, vocab, stride_row, num_words, num_chunks,
+                      MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    temp = tl.load(temps_ptr + row)
+    chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
-    row_max = tl.full([], float("-inf"), tl.float32)
-    for start in range(0, vocab, BLOCK):
-        x = masked_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
-        row_max = tl.maximum(row_max, tl.max(x, 0))
-    scale = 1.4426950408889634 / tl.where(temp > 0.0, temp, 1.0)  # log2(e) / T: weights exp2((x - max) * scale)
+    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in tl.static_range(0, CHUNK, BLOCK):
+        idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        lane_max = tl.maximum(lane_max, masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED))
+    tl.store(part_max_ptr + row * num_chunks + chunk, tl.max(lane_max, 0))
+
+
+@triton.jit
+def _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row, num_chunks, SHIFT: tl.constexpr,
+         TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A row's settings: (T, row max, log2(e) / T, lowest key, the max's key, k or 0, p or 1,
+    whether it samples at all)."""
+    temp = tl.load(temps_ptr + row)
+    offs = tl.arange(0, BLOCK_C)
+    row_max = tl.max(tl.load(part_max_ptr + row * num_chunks + offs, mask=offs < num_chunks,
+                             other=float("-inf")), 0)
+    scale = 1.4426950408889634 / tl.where(temp > 0.0, temp, 1.0)  # weights exp2((x - max) * scale)
     # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
     lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
     top = (_order_key(row_max) >> SHIFT).to(tl.int64)
-    threshold = tl.full([], float("-inf"), tl.float32)
-    floor_key = lowest
-    sampled = (temp > 0.0) & (row_max > float("-inf"))  # greedy rows take the argmax: no threshold
+    k = tl.zeros([], tl.int64)
+    p = tl.full([], 1.0, tl.float32)
     if TOP_K:
         k = tl.load(top_k_ptr + row)
-        if (k > 0) & sampled:
-            floor_key = _search(row_ptr, words_ptr, mask_row, vocab, k.to(tl.float32), lowest, row_max, scale,
-                                lowest, top, False, SHIFT, PASSES, MASKED, BLOCK, CANDIDATES)
-            threshold = _from_key(floor_key, lowest, SHIFT)
     if TOP_P:
         p = tl.load(top_p_ptr + row)
+    sampled = (temp > 0.0) & (row_max > float("-inf"))  # greedy rows take the argmax: no threshold
+    return temp, row_max, scale, lowest, top, k, p, sampled
+
+
+@triton.jit
+def _sums(partials_ptr, step, row, num_rows, num_chunks, BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
+    """[CANDIDATES]: pass `step`'s sums for the row, over its chunks in a fixed order."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, CANDIDATES)
+    base = (step * num_rows + row).to(tl.int64) * num_chunks
+    part = tl.load(partials_ptr + (base + offs_c[:, None]) * CANDIDATES + offs_k[None, :],
+                   mask=offs_c[:, None] < num_chunks, other=0.0)
+    return tl.sum(part, 0)
+
+
+@triton.jit
+def _narrowed(partials_ptr, state_ptr, step, target, row, num_rows, num_chunks,
+              BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
+    """The range after pass `step`: its largest candidate whose sum still reaches the target
+    opens it. Needs sum(lo) >= target and sum(hi + 1) < target."""
+    lo = tl.load(state_ptr + (step * num_rows + row) * 2)
+    hi = tl.load(state_ptr + (step * num_rows + row) * 2 + 1)
+    size = (hi - lo + CANDIDATES) // CANDIDATES  # >= 1: candidates lo, lo + size, ... cover [lo, hi]
+    cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size
+    reach = (_sums(partials_ptr, step, row, num_rows, num_chunks, BLOCK_C, CANDIDATES) >= target) & (cand <= hi)
+    best = tl.max(tl.where(reach, cand, lo), 0)
+    return best, tl.minimum(best + size - 1, hi)
+
+
+@triton.jit
+def _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C: tl.constexpr,
+                  CANDIDATES: tl.constexpr):
+    """p times the mass top-k left: top-p's first pass summed it at its lowest candidate, the floor."""
+    kept = tl.sum(tl.where(tl.arange(0, CANDIDATES) == 0,
+                           _sums(partials_ptr, first_p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES), 0.0), 0)
+    return p * kept
+
+
+@triton.jit
+def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_rows_ptr, part_max_ptr, partials_ptr,
+                 state_ptr, vocab, stride_row, num_words, num_rows, num_chunks, step, first_p,
+                 MASS: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MASKED: tl.constexpr,
+                 SHIFT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 CANDIDATES: tl.constexpr):
+    """Pass `step` of a search (top-k's count: MASS False; top-p's mass: MASS True, from step
+    first_p): the range from the pass before, then this chunk's sums at the range's candidates."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row,
+                                                            num_chunks, SHIFT, TOP_K, TOP_P, BLOCK_C)
+    active = sampled & (k > 0)
+    if MASS:
+        active = sampled & (p < 1.0)
+    if active:
+        first = 0
+        target = k.to(tl.float32)
+        if MASS:
+            first = first_p
+        if step == first:  # a search's first pass: the whole range above its floor
+            floor_key = lowest
+            if MASS and TOP_K:
+                if k > 0:   # the top-k search's last pass narrows to its floor
+                    floor_key, _ = _narrowed(partials_ptr, state_ptr, step - 1, k.to(tl.float32), row, num_rows,
+                                             num_chunks, BLOCK_C, CANDIDATES)
+            lo = floor_key
+            hi = top
+        else:
+            if MASS:
+                floor_key = tl.load(state_ptr + (first_p * num_rows + row) * 2)
+                target = _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES)
+            else:
+                floor_key = lowest
+            lo, hi = _narrowed(partials_ptr, state_ptr, step - 1, target, row, num_rows, num_chunks,
+                               BLOCK_C, CANDIDATES)
+        if chunk == 0:  # the range every program of this pass computed, for the next one
+            tl.store(state_ptr + (step * num_rows + row) * 2, lo)
+            tl.store(state_ptr + (step * num_rows + row) * 2 + 1, hi)
+        size = (hi - lo + CANDIDATES) // CANDIDATES
+        cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size  # [CANDIDATES]
+        row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+        mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
+        # NOTE: summed per lane and reduced once: a reduction per block costs barriers
+        total = tl.zeros([BLOCK, CANDIDATES], tl.float32)
+        for start in range(0, CHUNK, BLOCK):
+            idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+            x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
+            key = (_order_key(x) >> SHIFT).to(tl.int64)
+            if MASS:
+                w = tl.exp2((x - row_max) * scale)
+            else:
+                w = tl.where(x > float("-inf"), 1.0, 0.0)
+            w = tl.where(key >= floor_key, w, 0.0)
+            total += tl.where(key[:, None] >= cand[None, :], w[:, None], 0.0)
+        out = ((step * num_rows + row).to(tl.int64) * num_chunks + chunk) * CANDIDATES
+        tl.store(partials_ptr + out + tl.arange(0, CANDIDATES), tl.sum(total, 0))
+
+
+@triton.jit
+def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, part_max_ptr, partials_ptr, state_ptr, out_ptr,
+                      num_rows, num_chunks, last_k, first_p, last_p,
+                      TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, SHIFT: tl.constexpr,
+                      BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
+    """Each row's threshold from the last pass of each search, and min-p's."""
+    row = tl.program_id(0)
+    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row,
+                                                            num_chunks, SHIFT, TOP_K, TOP_P, BLOCK_C)
+    threshold = tl.full([], float("-inf"), tl.float32)
+    if TOP_K:
+        if (k > 0) & sampled:
+            floor_key, _ = _narrowed(partials_ptr, state_ptr, last_k, k.to(tl.float32), row, num_rows, num_chunks,
+                                     BLOCK_C, CANDIDATES)
+            threshold = _from_key(floor_key, lowest, SHIFT)
+    if TOP_P:
         if (p < 1.0) & sampled:
-            kept = tl.zeros([BLOCK], tl.float32)  # the mass top-k left
-            for start in range(0, vocab, BLOCK):
-                x = masked_logits(row_ptr, words_ptr, mask_row, start + tl.arange(0, BLOCK), vocab, MASKED)
-                key = (_order_key(x) >> SHIFT).to(tl.int64)
-                kept += tl.where(key >= floor_key, tl.exp2((x - row_max) * scale), 0.0)
-            crossing = _search(row_ptr, words_ptr, mask_row, vocab, p * tl.sum(kept, 0), floor_key, row_max, scale,
-                               floor_key, top, True, SHIFT, PASSES, MASKED, BLOCK, CANDIDATES)
+            target = _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES)
+            crossing, _ = _narrowed(partials_ptr, state_ptr, last_p, target, row, num_rows, num_chunks,
+                                    BLOCK_C, CANDIDATES)
             threshold = tl.maximum(threshold, _from_key(crossing, lowest, SHIFT))
     if MIN_P:
         min_p = tl.load(min_p_ptr + row)
@@ -124,9 +211,9 @@ def _threshold_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, ma
 
 def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None,
                         top_p: torch.Tensor | None, min_p: torch.Tensor | None, bitmask: torch.Tensor | None = None,
-                        mask_rows: torch.Tensor | None = None, block: int = BLOCK) -> torch.Tensor:
+                        mask_rows: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """[num_rows] float32: each row keeps the ids with logit >= its threshold (-inf: all).
-    (`block`: a power of two; smaller ones let tests cross blocks cheaply.)"""
+    (`chunk`, `block`: powers of two, block <= chunk; smaller ones let tests cross borders cheaply.)"""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
@@ -134,13 +221,31 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
     # bfloat16 widens to float32 with 16 zero low bits: their keys differ in the high 16 alone
     shift = 16 if logits.dtype == torch.bfloat16 else 0
+    passes = (32 - shift) // 4
+    num_k, num_p = passes * (top_k is not None), passes * (top_p is not None)
     masked = bitmask is not None
     any_ = temperatures  # a placeholder pointer for the absent inputs (never read)
+    temps = temperatures.contiguous()
+    k_ptr = any_ if top_k is None else top_k.contiguous()
+    p_ptr = any_ if top_p is None else top_p.contiguous()
+    mask = (bitmask.contiguous() if masked else any_, mask_rows if masked else any_)
+    num_words = bitmask.shape[1] if masked else 0
+    num_chunks = triton.cdiv(vocab, chunk)
+    block_c = max(16, triton.next_power_of_2(num_chunks))
+    device = logits.device
+    part_max = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=device)
+    partials = torch.empty(max(num_k + num_p, 1), num_rows, num_chunks, CANDIDATES, dtype=torch.float32, device=device)
+    state = torch.empty(max(num_k + num_p, 1), num_rows, 2, dtype=torch.int64, device=device)  # each pass's range
+    _chunk_max_kernel[(num_rows, num_chunks)](logits, *mask, part_max, vocab, logits.stride(0), num_words, num_chunks,
+                                              MASKED=masked, CHUNK=chunk, BLOCK=block, num_warps=4)
+    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift, BLOCK_C=block_c,
+                 CANDIDATES=CANDIDATES)
+    for step in range(num_k + num_p):
+        _pass_kernel[(num_rows, num_chunks)](
+            logits, temps, k_ptr, p_ptr, *mask, part_max, partials, state, vocab, logits.stride(0), num_words,
+            num_rows, num_chunks, step, num_k, MASS=step >= num_k, MASKED=masked, CHUNK=chunk, BLOCK=block,
+            **flags, num_warps=8)
     _threshold_kernel[(num_rows,)](
-        logits, temperatures.contiguous(), any_ if top_k is None else top_k.contiguous(),
-        any_ if top_p is None else top_p.contiguous(), any_ if min_p is None else min_p.contiguous(),
-        bitmask.contiguous() if masked else any_, mask_rows if masked else any_, out,
-        vocab, logits.stride(0), bitmask.shape[1] if masked else 0,
-        TOP_K=top_k is not None, TOP_P=top_p is not None, MIN_P=min_p is not None, MASKED=masked,
-        SHIFT=shift, PASSES=(32 - shift) // 4, BLOCK=block, CANDIDATES=CANDIDATES, num_warps=8)
+        temps, k_ptr, p_ptr, any_ if min_p is None else min_p.contiguous(), part_max, partials, state, out,
+        num_rows, num_chunks, num_k - 1, num_k, num_k + num_p - 1, MIN_P=min_p is not None, **flags, num_warps=1)
     return out

@@ -11,10 +11,10 @@ A draw is an exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) is a draw fr
 vocabulary; only top-p sorts. Rows with a seed draw E from their own generator, seeded
 by (request seed, output position), so their tokens do not depend on the batch.
 
-On CUDA the race runs as the Gumbel-max trick in one Triton pass over the logits
-(`kernels/sampling.py`): the same distribution, its noise from Philox keyed per row (a
-seeded row's key is its generator seed above); the grammar bitmask is applied inside that
-pass, and top-k / top-p / min-p as one logit threshold per row found without a sort
+On CUDA one read of the logits draws by inverse CDF instead (`kernels/sampling.py`): the
+same distribution, its uniform from Philox keyed per row (a seeded row's key is its
+generator seed above); the grammar bitmask is applied as it reads, and top-k / top-p /
+min-p as one logit threshold per row found without a sort
 (`kernels/sampling_thresholds.py`; ids tied with the last one kept are all kept).
 """
 from dataclasses import dataclass
@@ -182,7 +182,7 @@ class Sampler(nn.Module):
         if params.all_greedy and (grammar is None or not one_pass):
             token_ids = logits.argmax(dim=-1)
         elif one_pass:  # the one-pass kernel applies the grammar's bitmask as it reads the logits
-            from nanovllm.kernels.sampling import gumbel_argmax
+            from nanovllm.kernels.sampling import draw_tokens
             keys = self._row_keys(params, len(logits), generator)
             mask = {} if grammar is None else dict(bitmask=grammar.bitmask, mask_rows=grammar.row_index(len(logits)))
             thresholds = None
@@ -190,7 +190,7 @@ class Sampler(nn.Module):
                 from nanovllm.kernels.sampling_thresholds import sampling_thresholds
                 thresholds = sampling_thresholds(logits, params.temperatures, params.top_k, params.top_p,
                                                  params.min_p, **mask)
-            token_ids = gumbel_argmax(logits, params.temperatures, keys, thresholds=thresholds, **mask)
+            token_ids = draw_tokens(logits, params.temperatures, keys, thresholds=thresholds, **mask)
         elif params.any_greedy:
             greedy = logits.argmax(dim=-1)  # before _sample edits the logits in place
             token_ids = torch.where(params.temperatures > 0, self._sample(logits, params, generator), greedy)
@@ -199,7 +199,7 @@ class Sampler(nn.Module):
         return SamplerOutput(token_ids, gather_logprobs(raw_logprobs, token_ids, params))
 
     def _row_keys(self, params: SamplingTensors, num_rows: int, generator: torch.Generator | None) -> torch.Tensor:
-        """[num_rows] int64 Philox keys of the one-pass race: fresh from `generator` each step,
+        """[num_rows] int64 Philox keys of the one-pass draw: fresh from `generator` each step,
         a seeded row's from its (seed, position) alone."""
         device = params.temperatures.device
         keys = torch.randint(-2**63, 2**63 - 1, (num_rows,), generator=generator, device=device)

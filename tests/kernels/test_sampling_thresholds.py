@@ -14,7 +14,7 @@ from nanovllm.kernels.sampling_thresholds import sampling_thresholds  # noqa: E4
 from nanovllm.layers.sampler import apply_min_p, apply_top_k, apply_top_k_top_p  # noqa: E402
 from tests.kernels.test_sampling_kernel import masked_case  # noqa: E402
 
-SMALL = dict(block=32)
+SMALL = dict(chunk=64, block=32)   # rows of 100-257 ids span 2-5 chunks
 
 
 def reference_kept(logits, temps, top_k, top_p, min_p) -> torch.Tensor:
