@@ -1,13 +1,13 @@
 """Sampling kernels (Triton): temperature, the grammar bitmask, a top-k / top-p / min-p threshold
-and one draw per row, reading the logits once. The thresholds come from
-`kernels/sampling_thresholds.py`, so no sampling setting sorts the vocabulary.
+and one draw per row, reading the logits once (and one chunk of each row twice). The thresholds
+come from `kernels/sampling_thresholds.py`, so no sampling setting sorts the vocabulary.
 
 A draw is an inverse-CDF lookup over softmax(x / T), in two kernels:
   1. each program scans one 8,192-id chunk of one row: the chunk's largest z = x log2(e) / T,
      its mass sum exp2(z - max), and (for greedy rows) its first largest logit;
   2. one program per row sums the chunks' masses, draws u ~ U[0, 1) from Philox keyed by the
      row's key, finds the chunk where the cumulative mass crosses u times the total, and walks
-     that chunk alone (16 KB of bf16 logits, still in L2) to the id where it crosses.
+     that chunk alone (16 KB of bf16 logits) to the id where it crosses.
 The Gumbel race this replaces, argmax (x / T - log E) with E ~ Exp(1), drew a Philox word and
 took two logarithms per id: ~113 instructions an id, ~10x the time its logits take to read
 (0.23 ms of a 213-row decode step on an H100). Here an id costs two exp2 on the MUFU unit.
