@@ -30,9 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import attention_common
+
 CHUNK = 8192   # vocabulary ids per program: 19 chunks x 256 rows keep every SM busy
 BLOCK = 1024   # ids per load
-LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = tl.constexpr(attention_common.LOG2E)   # a jitted function reads constexpr globals only
 # z is clamped below float32's largest value, so a tiny temperature cannot make it +inf (and
 # inf - inf NaN)
 HIGHEST = tl.constexpr(3.0e38)

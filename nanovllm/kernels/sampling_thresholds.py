@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.sampling import bitmask_row, masked_logits
+from nanovllm.kernels.sampling import LOG2E, bitmask_row, masked_logits
 
 CHUNK = 8192       # ids per program of a pass
 BLOCK = 512        # ids per load ([BLOCK, CANDIDATES] comparisons a step stay in registers)
@@ -74,7 +74,7 @@ def _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row, num_chunks, SHIFT: 
     offs = tl.arange(0, BLOCK_C)
     row_max = tl.max(tl.load(part_max_ptr + row * num_chunks + offs, mask=offs < num_chunks,
                              other=float("-inf")), 0)
-    scale = 1.4426950408889634 / tl.where(temp > 0.0, temp, 1.0)  # weights exp2((x - max) * scale)
+    scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)  # weights exp2((x - max) * scale)
     # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
     lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
     top = (_order_key(row_max) >> SHIFT).to(tl.int64)
