@@ -6,8 +6,9 @@ A draw is an inverse-CDF lookup over softmax(x / T), in two kernels:
   1. each program scans one 8,192-id chunk of one row: the chunk's largest z = x log2(e) / T,
      its mass sum exp2(z - max), and (for greedy rows) its first largest logit;
   2. one program per row sums the chunks' masses, draws u ~ U[0, 1) from Philox keyed by the
-     row's key, finds the chunk where the cumulative mass crosses u times the total, and walks
-     that chunk alone (16 KB of bf16 logits) to the id where it crosses.
+     row's key, finds the chunk where the cumulative mass crosses u times the total, and scans
+     that chunk alone (16 KB of bf16 logits; one load, one float64 prefix sum) to the id where
+     it crosses.
 The Gumbel race this replaces, argmax (x / T - log E) with E ~ Exp(1), drew a Philox word and
 took two logarithms per id: ~113 instructions an id, ~10x the time its logits take to read
 (0.23 ms of a 213-row decode step on an H100). Here an id costs two exp2 on the MUFU unit.
@@ -146,7 +147,7 @@ def uniform64(key):
 @triton.jit
 def _draw_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thresholds_ptr,
                  part_max_ptr, part_mass_ptr, part_val_ptr, part_idx_ptr, out_ptr, vocab, stride_row, num_words,
-                 num_chunks, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+                 num_chunks, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr,
                  MASKED: tl.constexpr, THRESHOLD: tl.constexpr):
     row = tl.program_id(0)
     greedy, scale, threshold = _row_setup(temps_ptr, thresholds_ptr, row, THRESHOLD)
@@ -176,17 +177,14 @@ def _draw_kernel(logits_ptr, temps_ptr, keys_ptr, mask_ptr, mask_rows_ptr, thres
         local = (target - before) / c_scale   # the target in the chunk's own units, exp2(z - c_max)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
-        running = tl.zeros([], tl.float64)
-        token = tl.full([], 2147483647, tl.int32)
-        last_id = tl.zeros([], tl.int32)
-        for start in range(0, CHUNK, BLOCK):
-            idx = c * CHUNK + start + tl.arange(0, BLOCK)
-            x = _candidates(row_ptr, words_ptr, mask_row, idx, vocab, threshold, MASKED, THRESHOLD)
-            w = tl.exp2(_scaled(x, scale) - c_max)
-            cum_w = running + tl.cumsum(w.to(tl.float64), 0)
-            token = tl.minimum(token, tl.min(tl.where(cum_w > local, idx, 2147483647), 0))
-            last_id = tl.maximum(last_id, tl.max(tl.where(w > 0.0, idx, 0), 0))
-            running = tl.max(cum_w, 0)
+        # the whole chunk in one load and one scan: a loop of smaller ones waited on a load and
+        # four block-wide reductions per step, 256 rows on one program each
+        idx = c * CHUNK + tl.arange(0, CHUNK)
+        x = _candidates(row_ptr, words_ptr, mask_row, idx, vocab, threshold, MASKED, THRESHOLD)
+        w = tl.exp2(_scaled(x, scale) - c_max)
+        cum_w = tl.cumsum(w.to(tl.float64), 0)
+        token = tl.min(tl.where(cum_w > local, idx, 2147483647), 0)
+        last_id = tl.max(tl.where(w > 0.0, idx, 0), 0)
         token = tl.where(token == 2147483647, last_id, token)   # rounding left the target past the chunk
     # NOTE: an all -inf row (the engine never sends one) gives id 0
     tl.store(out_ptr + row, tl.where(token == 2147483647, 0, token).to(tl.int64))
@@ -211,11 +209,11 @@ def draw_tokens(logits: torch.Tensor, temperatures: torch.Tensor, keys: torch.Te
     bitmask = bitmask.contiguous() if masked else None
     inputs = (logits, temperatures, bitmask if masked else keys, mask_rows if masked else keys,
               keys if thresholds is None else thresholds.contiguous())
-    flags = dict(CHUNK=chunk, BLOCK=block, MASKED=masked, THRESHOLD=thresholds is not None)
+    flags = dict(CHUNK=chunk, MASKED=masked, THRESHOLD=thresholds is not None)
     num_words = bitmask.shape[1] if masked else 0
     _chunk_kernel[(num_rows, num_chunks)](*inputs, *parts, vocab, logits.stride(0), num_words, num_chunks,
-                                          **flags, num_warps=4)
+                                          BLOCK=block, **flags, num_warps=4)
     _draw_kernel[(num_rows,)](logits, temperatures, keys, *inputs[2:], *parts, out, vocab, logits.stride(0),
                               num_words, num_chunks, BLOCK_C=max(16, triton.next_power_of_2(num_chunks)),
-                              **flags, num_warps=4)
+                              **flags, num_warps=16)
     return out

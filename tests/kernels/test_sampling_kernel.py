@@ -92,7 +92,7 @@ def test_draws_follow_the_tempered_softmax(temperature=0.7):
     x = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 0.3, 0.7, -2.0, 1.2, -math.inf])
     n = 800  # one program per row: the interpreter's cost
     out = draw_tokens(x.expand(n, -1).contiguous(), torch.full((n,), temperature), keys(n),
-                      chunk=8, block=4)   # two chunks, the first walked in two loads
+                      chunk=8, block=4)   # two chunks, the first scanned in two loads
     counts = torch.bincount(out, minlength=12).double()
     assert counts[11] == 0
 
