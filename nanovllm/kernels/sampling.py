@@ -12,7 +12,7 @@ A draw is an inverse-CDF lookup over softmax(x / T), in two kernels:
 The Gumbel race this replaces, argmax (x / T - log E) with E ~ Exp(1), drew a Philox word and
 took two logarithms per id: ~113 instructions an id, ~10x the time its logits take to read
 (0.23 ms of a 213-row decode step on an H100). Here an id costs two exp2 on the MUFU unit.
-The draw depends on the row's key alone, never on the batch; the target and the walk's running
+The draw depends on the row's key alone, never on the batch; the target and the chunk's prefix
 sum are float64, so even ids far below 2^-24 of the row's mass are drawn at their rate.
 Temperature-0 rows take the plain argmax (first maximum on ties, as torch.argmax).
 

@@ -145,19 +145,15 @@ def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
         if MASS:
             first = first_p
         if step == first:  # a search's first pass: the whole range above its floor
-            floor_key = lowest
+            lo = lowest
             if MASS and TOP_K:
                 if k > 0:   # the top-k search's last pass narrows to its floor
-                    floor_key, _ = _narrowed(partials_ptr, state_ptr, step - 1, k.to(tl.float32), row, num_rows,
-                                             num_chunks, BLOCK_C, CANDIDATES)
-            lo = floor_key
+                    lo, _ = _narrowed(partials_ptr, state_ptr, step - 1, k.to(tl.float32), row, num_rows,
+                                      num_chunks, BLOCK_C, CANDIDATES)
             hi = top
         else:
             if MASS:
-                floor_key = tl.load(state_ptr + (first_p * num_rows + row) * 2)
                 target = _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES)
-            else:
-                floor_key = lowest
             lo, hi = _narrowed(partials_ptr, state_ptr, step - 1, target, row, num_rows, num_chunks,
                                BLOCK_C, CANDIDATES)
         if chunk == 0:  # the range every program of this pass computed, for the next one
@@ -166,9 +162,10 @@ def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
         size = (hi - lo + CANDIDATES) // CANDIDATES
         cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size  # [CANDIDATES]
         # compared as int32 (one instruction, not int64's two): keys >> SHIFT fit, and a candidate
-        # past hi, whose sum `_narrowed` ignores, may be clamped
+        # past hi, whose sum `_narrowed` ignores, may be clamped. Every candidate is >= lo, which
+        # never falls below the search's floor (top-p's: the top-k threshold), so ids under the
+        # floor add to no sum without a test of their own.
         cand32 = tl.minimum(cand, hi).to(tl.int32)
-        floor32 = floor_key.to(tl.int32)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
         # NOTE: summed per lane and reduced once: a reduction per block costs barriers
@@ -181,7 +178,6 @@ def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
                 w = tl.exp2((x - row_max) * scale)
             else:
                 w = tl.where(x > float("-inf"), 1.0, 0.0)
-            w = tl.where(key >= floor32, w, 0.0)
             total += tl.where(key[:, None] >= cand32[None, :], w[:, None], 0.0)
         out = ((step * num_rows + row).to(tl.int64) * num_chunks + chunk) * CANDIDATES
         tl.store(partials_ptr + out + tl.arange(0, CANDIDATES), tl.sum(total, 0))
