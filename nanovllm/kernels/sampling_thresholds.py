@@ -13,13 +13,21 @@ The k-th largest logit and the top-p crossing logit are found by searching the o
 bits of float32 (an int32 whose order is the floats' order): each pass over the row counts
 (or sums the mass of) the ids at or above 16 candidate keys at once and narrows the range
 16-fold, so 8 passes pin a float32 key exactly, 4 a bfloat16 one (its low 16 bits are 0).
-A pass is one launch over (row, 8,192-id chunk) programs: each writes its chunk's 16 sums,
-and every program of the next pass first narrows its row's range from them (summed over the
-chunks in a fixed order, so a row's threshold never depends on the batch). Top-p's first pass
-also gives the mass it needs: its lowest candidate is the top-k floor.
-NOTE: a pass is bound by its arithmetic, 16 compare-and-adds an id, not by the logits' bytes:
-on an H100 at 256 rows, top-p's search took ~1.36 ms a step both as one program a row (this
-module's first form) and spread over the chunks; top-k's 1.37 -> 1.15 ms.
+A pass is one launch over (row, program) pairs, a program per 8,192 ids of the row (19 for
+Qwen3's vocabulary): each writes its share's 16 sums, and every
+program of the next pass first narrows its row's range from them (summed over the programs in
+a fixed order, so a row's threshold never depends on the batch). Top-p's first pass after
+top-k also gives the mass it needs: its lowest candidate is the top-k floor.
+
+Most ids lie far below a top-k or top-p threshold, and a pass skips them by tiles of 128 ids.
+A first kernel takes each tile's largest logit (and, for top-p, its mass); a per-row kernel
+then bounds the search from below with them: the k-th largest tile maximum is at most the k-th
+largest logit, and the largest tile maximum whose tile maxima at or above it already hold p of
+the mass is at most top-p's crossing. The passes then read only the tiles whose maximum reaches
+that bound, listed once per row (a model's peaked rows: a few dozen of 1,187 tiles; a flat
+row, as a random-weight model's, keeps them all and costs what a pass over the row does).
+NOTE: a pass over all its tiles is bound by its arithmetic, 16 compare-and-adds an id, not by
+the logits' bytes (an H100 at 256 rows: ~0.3 ms a bfloat16 pass).
 
   logits:       [num_rows, vocab] any float dtype (not modified)
   temperatures: [num_rows] float32, 0 = greedy (no threshold: -inf)
@@ -33,8 +41,9 @@ import triton.language as tl
 
 from nanovllm.kernels.sampling import LOG2E, bitmask_row, masked_logits
 
-CHUNK = 8192       # ids per program of a pass
-BLOCK = 512        # ids per load ([BLOCK, CANDIDATES] comparisons a step stay in registers)
+TILE = 128         # ids a pass skips or reads as one: the tile maxima bound the search
+CHUNK = 8192       # ids per program of the tile-maximum kernel
+BLOCK = 512        # ids per step of a pass (BLOCK // TILE tiles; [BLOCK, CANDIDATES] sums in registers)
 CANDIDATES = 16    # keys tested per pass (15 cut points and the range's start): 4 bits a pass
 
 
@@ -54,28 +63,81 @@ def _from_key(key, lowest, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _chunk_max_kernel(logits_ptr, mask_ptr, mask_rows_ptr, part_max_ptr, vocab, stride_row, num_words, num_chunks,
-                      MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _weights(x, row_max, scale):
+    """exp2((x - max) log2(e) / T): an id's mass relative to the largest logit (-inf: none)."""
+    ref = tl.where(row_max > float("-inf"), row_max, 0.0)   # all -inf: no inf - inf
+    return tl.where(x > float("-inf"), tl.exp2((x - ref) * scale), 0.0)
+
+
+@triton.jit
+def _tile_kernel(logits_ptr, temps_ptr, mask_ptr, mask_rows_ptr, tile_max_ptr, tile_mass_ptr, vocab, stride_row,
+                 num_words, num_tiles, MASS: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """Each tile's largest logit and (MASS) its mass relative to that maximum."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
-    lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    temp = tl.load(temps_ptr + row)
+    scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)
     for start in tl.static_range(0, CHUNK, BLOCK):
-        idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
-        lane_max = tl.maximum(lane_max, masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED))
-    tl.store(part_max_ptr + row * num_chunks + chunk, tl.max(lane_max, 0))
+        tile = (chunk * CHUNK + start) // TILE + tl.arange(0, BLOCK // TILE)   # [BLOCK // TILE]
+        idx = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]
+        x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
+        top = tl.max(x, 1)
+        out = row * num_tiles + tile
+        tl.store(tile_max_ptr + out, top, mask=tile < num_tiles)
+        if MASS:
+            tl.store(tile_mass_ptr + out, tl.sum(_weights(x, top[:, None], scale), 1), mask=tile < num_tiles)
 
 
 @triton.jit
-def _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row, num_chunks, SHIFT: tl.constexpr,
-         TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr, row_stats_ptr, tiles_ptr,
+                   bound_ptr, num_tiles, SHIFT: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """A row's max and total mass, its search's lower bound from the tile maxima, and the list of
+    tiles whose maximum reaches it (the only ones a pass reads)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_T)
+    tile_max = tl.load(tile_max_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=float("-inf"))
+    row_max = tl.max(tile_max, 0)
+    tl.store(row_stats_ptr + row * 2, row_max)
+    if TOP_K or TOP_P:
+        temp = tl.load(temps_ptr + row)
+        scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)
+        ranked = tl.sort(tile_max, descending=True)
+        bound = tl.full([], float("-inf"), tl.float32)   # no bound: the search spans the whole row
+        k = tl.zeros([], tl.int64)
+        p = tl.full([], 1.0, tl.float32)
+        if TOP_K:
+            # k tiles' maxima are k ids at or above the k-th largest of them
+            k = tl.load(top_k_ptr + row)
+            bound = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
+        if TOP_P:
+            p = tl.load(top_p_ptr + row)
+            tile_mass = tl.load(tile_mass_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=0.0)
+            total = tl.sum(tile_mass * _weights(tile_max, row_max, scale), 0)
+            tl.store(row_stats_ptr + row * 2 + 1, total)
+            if k == 0:  # with top-k, top-p searches above the top-k floor instead
+                reach = tl.cumsum(_weights(ranked, row_max, scale), 0) >= p * total
+                bound = tl.max(tl.where(reach, ranked, float("-inf")), 0)
+        active = (temp > 0.0) & (row_max > float("-inf")) & ((k > 0) | (p < 1.0))
+        bound = tl.where(active, bound, float("inf"))   # a row no pass reads lists no tile
+        listed = (tile_max >= bound) & (tile_max > float("-inf"))
+        tl.store(tiles_ptr + row * num_tiles + tl.cumsum(listed.to(tl.int32), 0) - 1, offs, mask=listed)
+        lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
+        tl.store(bound_ptr + row * 2, tl.where(bound > float("-inf"), (_order_key(bound) >> SHIFT).to(tl.int64),
+                                               lowest))
+        tl.store(bound_ptr + row * 2 + 1, tl.sum(listed.to(tl.int64), 0))
+
+
+@triton.jit
+def _row(temps_ptr, top_k_ptr, top_p_ptr, row_stats_ptr, row, SHIFT: tl.constexpr, TOP_K: tl.constexpr,
+         TOP_P: tl.constexpr):
     """A row's settings: (T, row max, log2(e) / T, lowest key, the max's key, k or 0, p or 1,
     whether it samples at all)."""
     temp = tl.load(temps_ptr + row)
-    offs = tl.arange(0, BLOCK_C)
-    row_max = tl.max(tl.load(part_max_ptr + row * num_chunks + offs, mask=offs < num_chunks,
-                             other=float("-inf")), 0)
+    row_max = tl.load(row_stats_ptr + row * 2)
     scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)  # weights exp2((x - max) * scale)
     # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
     lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
@@ -91,18 +153,18 @@ def _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row, num_chunks, SHIFT: 
 
 
 @triton.jit
-def _sums(partials_ptr, step, row, num_rows, num_chunks, BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
-    """[CANDIDATES]: pass `step`'s sums for the row, over its chunks in a fixed order."""
+def _sums(partials_ptr, step, row, num_rows, num_programs, BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
+    """[CANDIDATES]: pass `step`'s sums for the row, over its programs in a fixed order."""
     offs_c = tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, CANDIDATES)
-    base = (step * num_rows + row).to(tl.int64) * num_chunks
+    base = (step * num_rows + row).to(tl.int64) * num_programs
     part = tl.load(partials_ptr + (base + offs_c[:, None]) * CANDIDATES + offs_k[None, :],
-                   mask=offs_c[:, None] < num_chunks, other=0.0)
+                   mask=offs_c[:, None] < num_programs, other=0.0)
     return tl.sum(part, 0)
 
 
 @triton.jit
-def _narrowed(partials_ptr, state_ptr, step, target, row, num_rows, num_chunks,
+def _narrowed(partials_ptr, state_ptr, step, target, row, num_rows, num_programs,
               BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
     """The range after pass `step`: its largest candidate whose sum still reaches the target
     opens it. Needs sum(lo) >= target and sum(hi + 1) < target."""
@@ -110,32 +172,36 @@ def _narrowed(partials_ptr, state_ptr, step, target, row, num_rows, num_chunks,
     hi = tl.load(state_ptr + (step * num_rows + row) * 2 + 1)
     size = (hi - lo + CANDIDATES) // CANDIDATES  # >= 1: candidates lo, lo + size, ... cover [lo, hi]
     cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size
-    reach = (_sums(partials_ptr, step, row, num_rows, num_chunks, BLOCK_C, CANDIDATES) >= target) & (cand <= hi)
+    reach = (_sums(partials_ptr, step, row, num_rows, num_programs, BLOCK_C, CANDIDATES) >= target) & (cand <= hi)
     best = tl.max(tl.where(reach, cand, lo), 0)
     return best, tl.minimum(best + size - 1, hi)
 
 
 @triton.jit
-def _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C: tl.constexpr,
+def _top_p_target(partials_ptr, row_stats_ptr, first_p, k, p, row, num_rows, num_programs, BLOCK_C: tl.constexpr,
                   CANDIDATES: tl.constexpr):
-    """p times the mass top-k left: top-p's first pass summed it at its lowest candidate, the floor."""
-    kept = tl.sum(tl.where(tl.arange(0, CANDIDATES) == 0,
-                           _sums(partials_ptr, first_p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES), 0.0), 0)
+    """p times the mass top-k left: top-p's first pass summed it at its lowest candidate, the
+    top-k floor; without top-k, the row's total mass."""
+    kept = tl.load(row_stats_ptr + row * 2 + 1)
+    if k > 0:
+        kept = tl.sum(tl.where(tl.arange(0, CANDIDATES) == 0,
+                               _sums(partials_ptr, first_p, row, num_rows, num_programs, BLOCK_C, CANDIDATES), 0.0), 0)
     return p * kept
 
 
 @triton.jit
-def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_rows_ptr, part_max_ptr, partials_ptr,
-                 state_ptr, vocab, stride_row, num_words, num_rows, num_chunks, step, first_p,
-                 MASS: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MASKED: tl.constexpr,
-                 SHIFT: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr,
+def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_rows_ptr, row_stats_ptr, tiles_ptr,
+                 bound_ptr, partials_ptr, state_ptr, vocab, stride_row, num_words, num_rows, num_tiles, num_programs,
+                 step, first_p, MASS: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MASKED: tl.constexpr,
+                 SHIFT: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr,
                  CANDIDATES: tl.constexpr):
     """Pass `step` of a search (top-k's count: MASS False; top-p's mass: MASS True, from step
-    first_p): the range from the pass before, then this chunk's sums at the range's candidates."""
+    first_p): the range from the pass before, then the sums at its candidates over this
+    program's share of the row's listed tiles."""
     row = tl.program_id(0)
-    chunk = tl.program_id(1)
-    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row,
-                                                            num_chunks, SHIFT, TOP_K, TOP_P, BLOCK_C)
+    program = tl.program_id(1)
+    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, row_stats_ptr, row,
+                                                            SHIFT, TOP_K, TOP_P)
     active = sampled & (k > 0)
     if MASS:
         active = sampled & (p < 1.0)
@@ -144,64 +210,71 @@ def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
         target = k.to(tl.float32)
         if MASS:
             first = first_p
-        if step == first:  # a search's first pass: the whole range above its floor
-            lo = lowest
+        if step == first:  # a search's first pass: the whole range above its lower bound
+            lo = tl.load(bound_ptr + row * 2)
             if MASS and TOP_K:
                 if k > 0:   # the top-k search's last pass narrows to its floor
                     lo, _ = _narrowed(partials_ptr, state_ptr, step - 1, k.to(tl.float32), row, num_rows,
-                                      num_chunks, BLOCK_C, CANDIDATES)
+                                      num_programs, BLOCK_C, CANDIDATES)
             hi = top
         else:
             if MASS:
-                target = _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES)
-            lo, hi = _narrowed(partials_ptr, state_ptr, step - 1, target, row, num_rows, num_chunks,
+                target = _top_p_target(partials_ptr, row_stats_ptr, first_p, k, p, row, num_rows, num_programs,
+                                       BLOCK_C, CANDIDATES)
+            lo, hi = _narrowed(partials_ptr, state_ptr, step - 1, target, row, num_rows, num_programs,
                                BLOCK_C, CANDIDATES)
-        if chunk == 0:  # the range every program of this pass computed, for the next one
+        if program == 0:  # the range every program of this pass computed, for the next one
             tl.store(state_ptr + (step * num_rows + row) * 2, lo)
             tl.store(state_ptr + (step * num_rows + row) * 2 + 1, hi)
         size = (hi - lo + CANDIDATES) // CANDIDATES
         cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size  # [CANDIDATES]
         # compared as int32 (one instruction, not int64's two): keys >> SHIFT fit, and a candidate
         # past hi, whose sum `_narrowed` ignores, may be clamped. Every candidate is >= lo, which
-        # never falls below the search's floor (top-p's: the top-k threshold), so ids under the
-        # floor add to no sum without a test of their own.
+        # never falls below the search's bound, so ids under it (and tiles not listed) add to no sum.
         cand32 = tl.minimum(cand, hi).to(tl.int32)
         row_ptr = logits_ptr + row.to(tl.int64) * stride_row
         mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
+        num_listed = tl.load(bound_ptr + row * 2 + 1).to(tl.int32)
+        share = tl.cdiv(num_listed, num_programs)
+        begin = program * share
+        end = tl.minimum(begin + share, num_listed)
         # NOTE: summed per lane and reduced once: a reduction per block costs barriers
         total = tl.zeros([BLOCK, CANDIDATES], tl.float32)
-        for start in range(0, CHUNK, BLOCK):
-            idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        for start in range(begin, end, BLOCK // TILE):
+            at = start + tl.arange(0, BLOCK // TILE)
+            tile = tl.load(tiles_ptr + row * num_tiles + at, mask=at < end, other=num_tiles)  # past the row: -inf
+            idx = tl.reshape(tile[:, None] * TILE + tl.arange(0, TILE)[None, :], [BLOCK])
             x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
             key = _order_key(x) >> SHIFT
             if MASS:
-                w = tl.exp2((x - row_max) * scale)
+                w = _weights(x, row_max, scale)
             else:
                 w = tl.where(x > float("-inf"), 1.0, 0.0)
             total += tl.where(key[:, None] >= cand32[None, :], w[:, None], 0.0)
-        out = ((step * num_rows + row).to(tl.int64) * num_chunks + chunk) * CANDIDATES
+        out = ((step * num_rows + row).to(tl.int64) * num_programs + program) * CANDIDATES
         tl.store(partials_ptr + out + tl.arange(0, CANDIDATES), tl.sum(total, 0))
 
 
 @triton.jit
-def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, part_max_ptr, partials_ptr, state_ptr, out_ptr,
-                      num_rows, num_chunks, last_k, first_p, last_p,
+def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row_stats_ptr, partials_ptr, state_ptr, out_ptr,
+                      num_rows, num_programs, last_k, first_p, last_p,
                       TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr, SHIFT: tl.constexpr,
                       BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
     """Each row's threshold from the last pass of each search, and min-p's."""
     row = tl.program_id(0)
-    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, part_max_ptr, row,
-                                                            num_chunks, SHIFT, TOP_K, TOP_P, BLOCK_C)
+    temp, row_max, scale, lowest, top, k, p, sampled = _row(temps_ptr, top_k_ptr, top_p_ptr, row_stats_ptr, row,
+                                                            SHIFT, TOP_K, TOP_P)
     threshold = tl.full([], float("-inf"), tl.float32)
     if TOP_K:
         if (k > 0) & sampled:
-            floor_key, _ = _narrowed(partials_ptr, state_ptr, last_k, k.to(tl.float32), row, num_rows, num_chunks,
+            floor_key, _ = _narrowed(partials_ptr, state_ptr, last_k, k.to(tl.float32), row, num_rows, num_programs,
                                      BLOCK_C, CANDIDATES)
             threshold = _from_key(floor_key, lowest, SHIFT)
     if TOP_P:
         if (p < 1.0) & sampled:
-            target = _top_p_target(partials_ptr, first_p, p, row, num_rows, num_chunks, BLOCK_C, CANDIDATES)
-            crossing, _ = _narrowed(partials_ptr, state_ptr, last_p, target, row, num_rows, num_chunks,
+            target = _top_p_target(partials_ptr, row_stats_ptr, first_p, k, p, row, num_rows, num_programs,
+                                   BLOCK_C, CANDIDATES)
+            crossing, _ = _narrowed(partials_ptr, state_ptr, last_p, target, row, num_rows, num_programs,
                                     BLOCK_C, CANDIDATES)
             threshold = tl.maximum(threshold, _from_key(crossing, lowest, SHIFT))
     if MIN_P:
@@ -213,9 +286,11 @@ def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, part_max_ptr, 
 
 def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None,
                         top_p: torch.Tensor | None, min_p: torch.Tensor | None, bitmask: torch.Tensor | None = None,
-                        mask_rows: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
+                        mask_rows: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK,
+                        tile: int = TILE) -> torch.Tensor:
     """[num_rows] float32: each row keeps the ids with logit >= its threshold (-inf: all).
-    (`chunk`, `block`: powers of two, block <= chunk; smaller ones let tests cross borders cheaply.)"""
+    (`chunk`, `block`, `tile`: powers of two, tile <= block <= chunk; smaller ones let tests
+    cross borders cheaply.)"""
     num_rows, vocab = logits.shape
     out = torch.empty(num_rows, dtype=torch.float32, device=logits.device)
     if num_rows == 0:
@@ -233,21 +308,30 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     mask = (bitmask.contiguous() if masked else any_, mask_rows if masked else any_)
     num_words = bitmask.shape[1] if masked else 0
     num_chunks = triton.cdiv(vocab, chunk)
-    block_c = max(16, triton.next_power_of_2(num_chunks))
+    num_tiles = triton.cdiv(vocab, tile)
+    num_programs = num_chunks   # a pass's programs per row: its tiles shared among them
     device = logits.device
-    part_max = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=device)
-    partials = torch.empty(max(num_k + num_p, 1), num_rows, num_chunks, CANDIDATES, dtype=torch.float32, device=device)
+    tile_max = torch.empty(num_rows, num_tiles, dtype=torch.float32, device=device)
+    tile_mass = torch.empty_like(tile_max) if top_p is not None else tile_max   # top-p's alone
+    row_stats = torch.empty(num_rows, 2, dtype=torch.float32, device=device)               # max, total mass
+    tiles = torch.empty(num_rows, num_tiles, dtype=torch.int32, device=device)              # the listed tiles
+    bound = torch.empty(num_rows, 2, dtype=torch.int64, device=device)                     # lowest key, #listed
+    partials = torch.empty(max(num_k + num_p, 1), num_rows, num_programs, CANDIDATES, dtype=torch.float32,
+                           device=device)
     state = torch.empty(max(num_k + num_p, 1), num_rows, 2, dtype=torch.int64, device=device)  # each pass's range
-    _chunk_max_kernel[(num_rows, num_chunks)](logits, *mask, part_max, vocab, logits.stride(0), num_words, num_chunks,
-                                              MASKED=masked, CHUNK=chunk, BLOCK=block, num_warps=4)
-    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift, BLOCK_C=block_c,
-                 CANDIDATES=CANDIDATES)
+    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift)
+    _tile_kernel[(num_rows, num_chunks)](logits, temps, *mask, tile_max, tile_mass, vocab, logits.stride(0),
+                                         num_words, num_tiles, MASS=top_p is not None, MASKED=masked, CHUNK=chunk,
+                                         BLOCK=block, TILE=tile, num_warps=4)
+    _bounds_kernel[(num_rows,)](temps, k_ptr, p_ptr, tile_max, tile_mass, row_stats, tiles, bound, num_tiles,
+                                **flags, BLOCK_T=max(16, triton.next_power_of_2(num_tiles)), num_warps=4)
+    flags.update(BLOCK_C=max(16, triton.next_power_of_2(num_programs)), CANDIDATES=CANDIDATES)
     for step in range(num_k + num_p):
-        _pass_kernel[(num_rows, num_chunks)](
-            logits, temps, k_ptr, p_ptr, *mask, part_max, partials, state, vocab, logits.stride(0), num_words,
-            num_rows, num_chunks, step, num_k, MASS=step >= num_k, MASKED=masked, CHUNK=chunk, BLOCK=block,
-            **flags, num_warps=8)
+        _pass_kernel[(num_rows, num_programs)](
+            logits, temps, k_ptr, p_ptr, *mask, row_stats, tiles, bound, partials, state, vocab, logits.stride(0),
+            num_words, num_rows, num_tiles, num_programs, step, num_k, MASS=step >= num_k, MASKED=masked,
+            BLOCK=block, TILE=tile, **flags, num_warps=8)
     _threshold_kernel[(num_rows,)](
-        temps, k_ptr, p_ptr, any_ if min_p is None else min_p.contiguous(), part_max, partials, state, out,
-        num_rows, num_chunks, num_k - 1, num_k, num_k + num_p - 1, MIN_P=min_p is not None, **flags, num_warps=1)
+        temps, k_ptr, p_ptr, any_ if min_p is None else min_p.contiguous(), row_stats, partials, state, out,
+        num_rows, num_programs, num_k - 1, num_k, num_k + num_p - 1, MIN_P=min_p is not None, **flags, num_warps=1)
     return out

@@ -14,7 +14,7 @@ from nanovllm.kernels.sampling_thresholds import sampling_thresholds  # noqa: E4
 from nanovllm.layers.sampler import apply_min_p, apply_top_k, apply_top_k_top_p  # noqa: E402
 from tests.kernels.test_sampling_kernel import masked_case  # noqa: E402
 
-SMALL = dict(chunk=64, block=32)   # rows of 100-257 ids span 2-5 chunks
+SMALL = dict(chunk=64, block=32, tile=8)   # rows of 100-257 ids span 2-5 chunks, 13-33 tiles
 
 
 def reference_kept(logits, temps, top_k, top_p, min_p) -> torch.Tensor:
@@ -51,6 +51,23 @@ def test_float32_thresholds_keep_what_the_sort_keeps(which):
     thresholds = sampling_thresholds(logits, temps, **use, **SMALL)
     kept = logits >= thresholds[:, None]
     assert torch.equal(kept & logits.isfinite(), reference_kept(logits, temps, **use))
+
+
+def test_peaked_rows_as_a_trained_models():
+    # a few ids hold most of the mass, as in a trained model's rows: the tile maxima then bound
+    # each search close to the max and the passes read a few tiles. Rows 4-7 cluster the peaks
+    # in one tile, which leaves the bound far lower (the k-th tile maximum is a bulk id).
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 8, 240
+    logits = torch.randn(rows, vocab, generator=gen)
+    for row in range(rows):
+        peaks = torch.randperm(vocab, generator=gen)[:12] if row < 4 else torch.arange(40, 52)
+        logits[row, peaks] += 6.0 + 4.0 * torch.rand(len(peaks), generator=gen)
+    temps = torch.tensor([0.5, 1.0, 1.7, 1.0] * 2)
+    top_k = torch.tensor([0, 3, 8, 20, 0, 5, 1, 12])
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.99, 0.8, 1.0, 0.6])
+    thresholds = sampling_thresholds(logits, temps, top_k, top_p, None, **SMALL)
+    assert torch.equal(logits >= thresholds[:, None], reference_kept(logits, temps, top_k, top_p, None))
 
 
 def test_bfloat16_ties_at_the_threshold_are_all_kept():
