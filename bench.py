@@ -15,6 +15,8 @@ makes numbers comparable) never depend on what else runs.
   | sampling-n    | 128 prompts   | 100-1,024                               | 64-512 each   | n=4, temperature 0.8,  | -                          | 76,979 / 141,800          |
   |               |               |                                         |               | top_p 0.95             |                            |                           |
   | prefill       | 1,024         | 256-2,048                               | 1-16          | temperature 0.6        | -                          | 1,170,963 / 8,492         |
+  | top-k-top-p   | 256           | 100-1,024                               | 100-1,024     | temperature 0.6,       | -                          | 145,013 / 147,000         |
+  |               |               |                                         |               | top_k 20, top_p 0.95   |                            |                           |
 
 reference: nano-vLLM's own bench.py (random.seed(0): all prompts drawn first, then every max_tokens).
 shared-prefix: more requests than max_num_seqs, so admission goes on while hundreds decode; prefix-cache hits.
@@ -22,6 +24,7 @@ pressure: the KV cache holds only part of the batch: preemption and recompute. l
 chat: many short turns. sampling-n: n=4 samples per prompt share the prompt's KV blocks.
 prefill: labelling or scoring, long prompts and a few output tokens: bound by prompt processing, so
 its records also give prompt tokens/s (output tok/s still compares versions: the tokens are fixed).
+top-k-top-p: the reference's shape (its own draws), sampled as Qwen3's model card recommends.
 All fit max_model_len=4096. `--workload all` runs them in one process, one engine per distinct engine
 setting (pressure gets its own). Throughput = output tokens / wall seconds of one timed `generate`;
 one warmup call per engine, and a miniature of each workload before it, are dropped.
@@ -72,6 +75,7 @@ class WorkloadSpec:
     n: int = 1                        # samples per prompt
     temperature: float = 0.6
     top_p: float = 1.0
+    top_k: int = 0
     engine: tuple[tuple[str, object], ...] = ()   # LLM() keywords this workload needs
     summary: str = ""
 
@@ -90,6 +94,8 @@ WORKLOADS = {s.name: s for s in (
     WorkloadSpec("chat", 104, 4096, (20, 200), (16, 128), summary="many short turns"),
     WorkloadSpec("sampling-n", 105, 128, (100, 1024), (64, 512), n=4, temperature=0.8, top_p=0.95,
                  summary="n=4 samples per prompt, temperature 0.8, top_p 0.95"),
+    WorkloadSpec("top-k-top-p", 107, 256, (100, 1024), (100, 1024), top_k=20, top_p=0.95,
+                 summary="the reference's shape, sampled as Qwen3's model card recommends: top_k 20, top_p 0.95"),
     WorkloadSpec("prefill", 106, 1024, (256, 2048), (1, 16),
                  summary="long prompts, a few output tokens each (labelling, scoring): prompt-bound"),
 )}
@@ -102,6 +108,7 @@ WORKLOAD_TOTALS = {
     "chat": (448_860, 292_749, 4096),
     "sampling-n": (76_979, 141_800, 128),
     "prefill": (1_170_963, 8_492, 1024),
+    "top-k-top-p": (145_013, 147_000, 256),
 }
 
 # Latency probes (--json, on the reference workload's engine). Fresh prompts: no prefix-cache hit shortens a prefill.
@@ -352,6 +359,8 @@ def nanovllm_params(workload: Workload, structured: dict | None = None) -> list:
         extra["n"] = spec.n
     if spec.top_p != 1.0:
         extra["top_p"] = spec.top_p
+    if spec.top_k:
+        extra["top_k"] = spec.top_k
     if structured is not None:
         extra["structured_outputs"] = structured
     return [SamplingParams(temperature=spec.temperature, ignore_eos=True, max_tokens=m, **extra)
@@ -439,7 +448,7 @@ class HFRunner:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=spec.temperature,
-                top_k=0, top_p=spec.top_p, max_new_tokens=num_new, min_new_tokens=num_new, pad_token_id=self.PAD_ID)
+                top_k=spec.top_k, top_p=spec.top_p, max_new_tokens=num_new, min_new_tokens=num_new, pad_token_id=self.PAD_ID)
         # out: [batch, width + num_new]
         assert out.shape[1] == input_ids.shape[1] + num_new, (out.shape, input_ids.shape, num_new)
 
@@ -706,7 +715,7 @@ def run_workload(args, runner, workload: Workload) -> dict:
             "workload": {"seed": spec.seed, "requests": requests, "prompt_tokens": prompt_tokens,
                          "output_tokens": expected, "prefix_len": spec.prefix_len, "prompt_len": spec.prompt_len,
                          "output_len": spec.output_len, "n": spec.n, "temperature": spec.temperature,
-                         "top_p": spec.top_p, "ignore_eos": True, "structured": structured,
+                         "top_p": spec.top_p, "top_k": spec.top_k, "ignore_eos": True, "structured": structured,
                          "full_size": is_full_size(args, workload), "checksum": WORKLOAD_TOTALS[spec.name]}}
 
 

@@ -16,7 +16,8 @@
 # Time on one H100 (2026-12-06, a fresh machine, --baseline 4817b4b): every workload but
 # pressure's baseline took 473 s with setup (reference ~35 s a package with its probes,
 # shared-prefix ~35-40, chat ~30, sampling-n ~30, prefill ~28, long ~28, pressure ~70), so
-# all seven with a baseline need ~9.5 min: split them over two calls (--workloads).
+# those seven with a baseline need ~9.5 min: split them over two calls (--workloads); top-k-top-p
+# (added since) is the reference's size, ~35 s a package.
 # --quick runs every workload at a quarter of its requests; --tests adds ~5 min.
 set -u -o pipefail
 cd "$(dirname "$0")/.."

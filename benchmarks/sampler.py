@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    p.add_argument("--logit-scale", type=float, default=3.0,
+                   help="logits ~ N(0, scale^2): 3 puts top-p 0.9 at T 0.7 on a few hundred ids; 0.5 is a flat row, "
+                        "as a random-weight model's, where top-p keeps most of the vocabulary")
     args = p.parse_args(argv)
     if args.vocab is None:
         args.vocab = QWEN3_VOCAB if args.device.startswith("cuda") else CPU_VOCAB
@@ -114,7 +117,7 @@ def bench_mix(name: str, args, sampler: Sampler, device: torch.device) -> dict:
     host = build_sampling_tensors(seqs, EOS_IDS)
     host_ms = (time.perf_counter() - t0) * 1e3
     tensors: SamplingTensors = to_device(host, device)
-    logits = torch.randn(args.batch, args.vocab, device=device).mul_(3).to(getattr(torch, args.dtype))
+    logits = torch.randn(args.batch, args.vocab, device=device).mul_(args.logit_scale).to(getattr(torch, args.dtype))
     generator = torch.Generator(device=device).manual_seed(0)
     times = sorted(time_calls(lambda: sampler(logits, tensors, generator), device, args.warmup, args.iters))
     return {"mix": name, "median": statistics.median(times), "p10": times[len(times) // 10],

@@ -40,6 +40,10 @@ def test_workload_totals_match_checksum_and_recipe(name):
         assert spec.output_len[0] <= max_tokens <= spec.output_len[1]
         assert len(prompt) + max_tokens <= 4096  # every workload fits the default max_model_len
     assert len({tuple(p) for p in workload.prompt_token_ids}) == len(workload.prompt_token_ids)
+    params = bench.nanovllm_params(workload)   # the engine gets the workload's sampling settings
+    assert {(p.temperature, p.top_p, p.top_k, p.n, p.ignore_eos) for p in params} == {
+        (spec.temperature, spec.top_p, spec.top_k, spec.n, True)}
+    assert [p.max_tokens for p in params] == workload.max_tokens
 
 
 def test_caps_and_scale_shrink_every_workload():
