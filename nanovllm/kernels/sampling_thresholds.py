@@ -14,9 +14,9 @@ bits of float32 (an int32 whose order is the floats' order): each pass over the 
 (or sums the mass of) the ids at or above 16 candidate keys at once and narrows the range
 16-fold, so 8 passes pin a float32 key exactly, 4 a bfloat16 one (its low 16 bits are 0).
 A pass is one launch over (row, program) pairs, a program per 8,192 ids of the row (19 for
-Qwen3's vocabulary): each writes its share's 16 sums, and every
-program of the next pass first narrows its row's range from them (summed over the programs in
-a fixed order, so a row's threshold never depends on the batch). Top-p's first pass after
+Qwen3's vocabulary): each writes its share's 16 sums, and every program of the next pass first
+narrows its row's range from them (summed over the programs in a fixed order, so a row's
+threshold never depends on the batch). Top-p's first pass after
 top-k also gives the mass it needs: its lowest candidate is the top-k floor.
 
 Most ids lie far below a top-k or top-p threshold, and a pass skips them by tiles of 128 ids.
@@ -63,6 +63,21 @@ def _from_key(key, lowest, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _scale(temp):
+    """log2(e) / T, so a weight is exp2((x - max) * scale) (greedy rows: T taken as 1)."""
+    return LOG2E / tl.where(temp > 0.0, temp, 1.0)
+
+
+@triton.jit
+def _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K: tl.constexpr):
+    """Whether the row filters by top-p without top-k (its bound and target need the tile masses)."""
+    alone = tl.load(top_p_ptr + row) < 1.0
+    if TOP_K:
+        alone = alone & (tl.load(top_k_ptr + row) == 0)
+    return alone
+
+
+@triton.jit
 def _weights(x, row_max, scale):
     """exp2((x - max) log2(e) / T): an id's mass relative to the largest logit (-inf: none)."""
     ref = tl.where(row_max > float("-inf"), row_max, 0.0)   # all -inf: no inf - inf
@@ -70,16 +85,19 @@ def _weights(x, row_max, scale):
 
 
 @triton.jit
-def _tile_kernel(logits_ptr, temps_ptr, mask_ptr, mask_rows_ptr, tile_max_ptr, tile_mass_ptr, vocab, stride_row,
-                 num_words, num_tiles, MASS: tl.constexpr, MASKED: tl.constexpr, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr, TILE: tl.constexpr):
-    """Each tile's largest logit and (MASS) its mass relative to that maximum."""
+def _tile_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_rows_ptr, tile_max_ptr, tile_mass_ptr,
+                 vocab, stride_row, num_words, num_tiles, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
+                 MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """Each tile's largest logit and, in rows with top-p but no top-k, its mass relative to that
+    maximum (top-p's bound and target; after top-k, top-p needs neither)."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
-    temp = tl.load(temps_ptr + row)
-    scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)
+    scale = _scale(tl.load(temps_ptr + row))
+    mass = False
+    if TOP_P:
+        mass = _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K)
     for start in tl.static_range(0, CHUNK, BLOCK):
         tile = (chunk * CHUNK + start) // TILE + tl.arange(0, BLOCK // TILE)   # [BLOCK // TILE]
         idx = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]
@@ -87,7 +105,7 @@ def _tile_kernel(logits_ptr, temps_ptr, mask_ptr, mask_rows_ptr, tile_max_ptr, t
         top = tl.max(x, 1)
         out = row * num_tiles + tile
         tl.store(tile_max_ptr + out, top, mask=tile < num_tiles)
-        if MASS:
+        if mass:
             tl.store(tile_mass_ptr + out, tl.sum(_weights(x, top[:, None], scale), 1), mask=tile < num_tiles)
 
 
@@ -104,7 +122,6 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
     tl.store(row_stats_ptr + row * 2, row_max)
     if TOP_K or TOP_P:
         temp = tl.load(temps_ptr + row)
-        scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)
         ranked = tl.sort(tile_max, descending=True)
         bound = tl.full([], float("-inf"), tl.float32)   # no bound: the search spans the whole row
         k = tl.zeros([], tl.int64)
@@ -115,10 +132,11 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
             bound = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
         if TOP_P:
             p = tl.load(top_p_ptr + row)
-            tile_mass = tl.load(tile_mass_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=0.0)
-            total = tl.sum(tile_mass * _weights(tile_max, row_max, scale), 0)
-            tl.store(row_stats_ptr + row * 2 + 1, total)
-            if k == 0:  # with top-k, top-p searches above the top-k floor instead
+            if _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K):  # after top-k: above its floor instead
+                scale = _scale(temp)
+                tile_mass = tl.load(tile_mass_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=0.0)
+                total = tl.sum(tile_mass * _weights(tile_max, row_max, scale), 0)
+                tl.store(row_stats_ptr + row * 2 + 1, total)
                 reach = tl.cumsum(_weights(ranked, row_max, scale), 0) >= p * total
                 bound = tl.max(tl.where(reach, ranked, float("-inf")), 0)
         active = (temp > 0.0) & (row_max > float("-inf")) & ((k > 0) | (p < 1.0))
@@ -138,7 +156,7 @@ def _row(temps_ptr, top_k_ptr, top_p_ptr, row_stats_ptr, row, SHIFT: tl.constexp
     whether it samples at all)."""
     temp = tl.load(temps_ptr + row)
     row_max = tl.load(row_stats_ptr + row * 2)
-    scale = LOG2E / tl.where(temp > 0.0, temp, 1.0)  # weights exp2((x - max) * scale)
+    scale = _scale(temp)
     # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
     lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
     top = (_order_key(row_max) >> SHIFT).to(tl.int64)
@@ -182,10 +200,11 @@ def _top_p_target(partials_ptr, row_stats_ptr, first_p, k, p, row, num_rows, num
                   CANDIDATES: tl.constexpr):
     """p times the mass top-k left: top-p's first pass summed it at its lowest candidate, the
     top-k floor; without top-k, the row's total mass."""
-    kept = tl.load(row_stats_ptr + row * 2 + 1)
     if k > 0:
         kept = tl.sum(tl.where(tl.arange(0, CANDIDATES) == 0,
                                _sums(partials_ptr, first_p, row, num_rows, num_programs, BLOCK_C, CANDIDATES), 0.0), 0)
+    else:
+        kept = tl.load(row_stats_ptr + row * 2 + 1)
     return p * kept
 
 
@@ -320,9 +339,10 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
                            device=device)
     state = torch.empty(max(num_k + num_p, 1), num_rows, 2, dtype=torch.int64, device=device)  # each pass's range
     flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift)
-    _tile_kernel[(num_rows, num_chunks)](logits, temps, *mask, tile_max, tile_mass, vocab, logits.stride(0),
-                                         num_words, num_tiles, MASS=top_p is not None, MASKED=masked, CHUNK=chunk,
-                                         BLOCK=block, TILE=tile, num_warps=4)
+    _tile_kernel[(num_rows, num_chunks)](logits, temps, k_ptr, p_ptr, *mask, tile_max, tile_mass, vocab,
+                                         logits.stride(0), num_words, num_tiles, TOP_K=top_k is not None,
+                                         TOP_P=top_p is not None, MASKED=masked,
+                                         CHUNK=chunk, BLOCK=block, TILE=tile, num_warps=4)
     _bounds_kernel[(num_rows,)](temps, k_ptr, p_ptr, tile_max, tile_mass, row_stats, tiles, bound, num_tiles,
                                 **flags, BLOCK_T=max(16, triton.next_power_of_2(num_tiles)), num_warps=4)
     flags.update(BLOCK_C=max(16, triton.next_power_of_2(num_programs)), CANDIDATES=CANDIDATES)
