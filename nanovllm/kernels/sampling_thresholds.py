@@ -89,24 +89,32 @@ def _tile_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
                  vocab, stride_row, num_words, num_tiles, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
                  MASKED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
     """Each tile's largest logit and, in rows with top-p but no top-k, its mass relative to that
-    maximum (top-p's bound and target; after top-k, top-p needs neither)."""
+    maximum (top-p's bound and target; after top-k, top-p needs neither). Without top-k and
+    top-p (min-p alone: the row's max is all it needs) a tile is the whole chunk."""
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     mask_row, words_ptr = bitmask_row(mask_ptr, mask_rows_ptr, row, num_words, MASKED)
-    scale = _scale(tl.load(temps_ptr + row))
-    mass = False
-    if TOP_P:
-        mass = _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K)
-    for start in tl.static_range(0, CHUNK, BLOCK):
-        tile = (chunk * CHUNK + start) // TILE + tl.arange(0, BLOCK // TILE)   # [BLOCK // TILE]
-        idx = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]
-        x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
-        top = tl.max(x, 1)
-        out = row * num_tiles + tile
-        tl.store(tile_max_ptr + out, top, mask=tile < num_tiles)
-        if mass:
-            tl.store(tile_mass_ptr + out, tl.sum(_weights(x, top[:, None], scale), 1), mask=tile < num_tiles)
+    if TOP_K or TOP_P:
+        scale = _scale(tl.load(temps_ptr + row))
+        mass = False
+        if TOP_P:
+            mass = _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K)
+        for start in tl.static_range(0, CHUNK, BLOCK):
+            tile = (chunk * CHUNK + start) // TILE + tl.arange(0, BLOCK // TILE)   # [BLOCK // TILE]
+            idx = tile[:, None] * TILE + tl.arange(0, TILE)[None, :]
+            x = masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED)
+            top = tl.max(x, 1)
+            out = row * num_tiles + tile
+            tl.store(tile_max_ptr + out, top, mask=tile < num_tiles)
+            if mass:
+                tl.store(tile_mass_ptr + out, tl.sum(_weights(x, top[:, None], scale), 1), mask=tile < num_tiles)
+    else:  # NOTE: a max per lane, reduced once: a reduction per tile costs barriers
+        lane_max = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in tl.static_range(0, CHUNK, BLOCK):
+            idx = chunk * CHUNK + start + tl.arange(0, BLOCK)
+            lane_max = tl.maximum(lane_max, masked_logits(row_ptr, words_ptr, mask_row, idx, vocab, MASKED))
+        tl.store(tile_max_ptr + row * num_tiles + chunk, tl.max(lane_max, 0))
 
 
 @triton.jit
@@ -327,6 +335,8 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     mask = (bitmask.contiguous() if masked else any_, mask_rows if masked else any_)
     num_words = bitmask.shape[1] if masked else 0
     num_chunks = triton.cdiv(vocab, chunk)
+    if top_k is None and top_p is None:
+        tile = chunk   # min-p alone: no search, and the row's max needs no finer tiles
     num_tiles = triton.cdiv(vocab, tile)
     num_programs = num_chunks   # a pass's programs per row: its tiles shared among them
     device = logits.device

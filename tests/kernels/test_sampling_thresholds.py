@@ -39,7 +39,7 @@ def settings(rows: int, gen: torch.Generator):
     return temps.float(), top_k.long(), top_p.float(), min_p.float()
 
 
-@pytest.mark.parametrize("which", ["top_k", "top_p", "all"])
+@pytest.mark.parametrize("which", ["top_k", "top_p", "min_p", "all"])
 def test_float32_thresholds_keep_what_the_sort_keeps(which):
     gen = torch.Generator().manual_seed(zlib.crc32(which.encode()))
     rows, vocab = 6, 150
