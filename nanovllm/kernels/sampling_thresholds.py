@@ -120,7 +120,7 @@ def _tile_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
 @triton.jit
 def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr, row_stats_ptr, tiles_ptr,
                    bound_ptr, num_tiles, SHIFT: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, CANDIDATES: tl.constexpr):
     """A row's max and total mass, its search's lower bound from the tile maxima, and the list of
     tiles whose maximum reaches it (the only ones a pass reads)."""
     row = tl.program_id(0)
@@ -130,30 +130,49 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
     tl.store(row_stats_ptr + row * 2, row_max)
     if TOP_K or TOP_P:
         temp = tl.load(temps_ptr + row)
-        ranked = tl.sort(tile_max, descending=True)
-        bound = tl.full([], float("-inf"), tl.float32)   # no bound: the search spans the whole row
+        scale = _scale(temp)
         k = tl.zeros([], tl.int64)
         p = tl.full([], 1.0, tl.float32)
         if TOP_K:
-            # k tiles' maxima are k ids at or above the k-th largest of them
             k = tl.load(top_k_ptr + row)
-            bound = tl.max(tl.where(offs == k - 1, ranked, float("-inf")), 0)
+        alone = False   # top-p without top-k: the bound holds p of the mass, not k ids
         if TOP_P:
             p = tl.load(top_p_ptr + row)
-            if _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K):  # after top-k: above its floor instead
-                scale = _scale(temp)
-                tile_mass = tl.load(tile_mass_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=0.0)
-                total = tl.sum(tile_mass * _weights(tile_max, row_max, scale), 0)
-                tl.store(row_stats_ptr + row * 2 + 1, total)
-                reach = tl.cumsum(_weights(ranked, row_max, scale), 0) >= p * total
-                bound = tl.max(tl.where(reach, ranked, float("-inf")), 0)
+            alone = _top_p_alone(top_k_ptr, top_p_ptr, row, TOP_K)
+        target = k.to(tl.float32)
+        if alone:
+            tile_mass = tl.load(tile_mass_ptr + row * num_tiles + offs, mask=offs < num_tiles, other=0.0)
+            total = tl.sum(tile_mass * _weights(tile_max, row_max, scale), 0)
+            tl.store(row_stats_ptr + row * 2 + 1, total)
+            target = p * total
+        # The bound is the largest tile maximum t whose tiles at or above it count k ids (or hold
+        # p of the mass): the k-th largest tile maximum is at most the k-th largest logit, and
+        # so for the mass. Found as the passes find a threshold, 16 keys at a time (a sort of
+        # the tile maxima took 4x longer); no such t (fewer than k finite tiles): no bound.
+        lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
+        lo = lowest
+        hi = (_order_key(row_max) >> SHIFT).to(tl.int64)
+        for _ in tl.static_range((32 - SHIFT) // 4):
+            size = (hi - lo + CANDIDATES) // CANDIDATES
+            cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size
+            cand32 = tl.minimum(cand, hi).to(tl.int32)
+            sums = tl.zeros([BLOCK_S, CANDIDATES], tl.float32)
+            for start in range(0, num_tiles, BLOCK_S):
+                at = start + tl.arange(0, BLOCK_S)
+                m = tl.load(tile_max_ptr + row * num_tiles + at, mask=at < num_tiles, other=float("-inf"))
+                w = tl.where(m > float("-inf"), 1.0, 0.0)
+                if alone:
+                    w = _weights(m, row_max, scale)
+                sums += tl.where((_order_key(m) >> SHIFT)[:, None] >= cand32[None, :], w[:, None], 0.0)
+            reach = (tl.sum(sums, 0) >= target) & (cand <= hi)
+            best = tl.max(tl.where(reach, cand, lo), 0)
+            lo, hi = best, tl.minimum(best + size - 1, hi)
+        bound = _from_key(lo, lowest, SHIFT)
         active = (temp > 0.0) & (row_max > float("-inf")) & ((k > 0) | (p < 1.0))
         bound = tl.where(active, bound, float("inf"))   # a row no pass reads lists no tile
         listed = (tile_max >= bound) & (tile_max > float("-inf"))
         tl.store(tiles_ptr + row * num_tiles + tl.cumsum(listed.to(tl.int32), 0) - 1, offs, mask=listed)
-        lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
-        tl.store(bound_ptr + row * 2, tl.where(bound > float("-inf"), (_order_key(bound) >> SHIFT).to(tl.int64),
-                                               lowest))
+        tl.store(bound_ptr + row * 2, tl.where(bound > float("-inf"), lo, lowest))
         tl.store(bound_ptr + row * 2 + 1, tl.sum(listed.to(tl.int64), 0))
 
 
@@ -311,6 +330,35 @@ def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row_stats_ptr,
     tl.store(out_ptr + row, threshold)
 
 
+def tile_bounds(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                bitmask: torch.Tensor | None, mask_rows: torch.Tensor | None, chunk: int, block: int,
+                tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's (max, total mass) [rows, 2] float32; its search's lower bound key and how many
+    tiles reach it [rows, 2] int64; those tiles' indices [rows, num_tiles] int32 (the first
+    count of them). Without top-k and top-p, the row's max alone."""
+    num_rows, vocab = logits.shape
+    num_tiles = triton.cdiv(vocab, tile)
+    any_ = temps   # a placeholder pointer for the absent inputs (never read)
+    k_ptr = any_ if top_k is None else top_k
+    p_ptr = any_ if top_p is None else top_p
+    mask = (any_, any_) if bitmask is None else (bitmask, mask_rows)
+    tile_max = torch.empty(num_rows, num_tiles, dtype=torch.float32, device=logits.device)
+    tile_mass = torch.empty_like(tile_max) if top_p is not None else tile_max   # top-p's alone
+    row_stats = torch.empty(num_rows, 2, dtype=torch.float32, device=logits.device)
+    tiles = torch.empty(num_rows, num_tiles, dtype=torch.int32, device=logits.device)
+    bound = torch.empty(num_rows, 2, dtype=torch.int64, device=logits.device)
+    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None)
+    _tile_kernel[(num_rows, triton.cdiv(vocab, chunk))](
+        logits, temps, k_ptr, p_ptr, *mask, tile_max, tile_mass, vocab, logits.stride(0),
+        0 if bitmask is None else bitmask.shape[1], num_tiles, **flags, MASKED=bitmask is not None,
+        CHUNK=chunk, BLOCK=block, TILE=tile, num_warps=4)
+    _bounds_kernel[(num_rows,)](temps, k_ptr, p_ptr, tile_max, tile_mass, row_stats, tiles, bound, num_tiles,
+                                SHIFT=16 if logits.dtype == torch.bfloat16 else 0, **flags,
+                                BLOCK_T=max(16, triton.next_power_of_2(num_tiles)), BLOCK_S=256,
+                                CANDIDATES=CANDIDATES, num_warps=4)
+    return row_stats, bound, tiles
+
+
 def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None,
                         top_p: torch.Tensor | None, min_p: torch.Tensor | None, bitmask: torch.Tensor | None = None,
                         mask_rows: torch.Tensor | None = None, chunk: int = CHUNK, block: int = BLOCK,
@@ -330,36 +378,26 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     masked = bitmask is not None
     any_ = temperatures  # a placeholder pointer for the absent inputs (never read)
     temps = temperatures.contiguous()
-    k_ptr = any_ if top_k is None else top_k.contiguous()
-    p_ptr = any_ if top_p is None else top_p.contiguous()
-    mask = (bitmask.contiguous() if masked else any_, mask_rows if masked else any_)
-    num_words = bitmask.shape[1] if masked else 0
-    num_chunks = triton.cdiv(vocab, chunk)
+    top_k = None if top_k is None else top_k.contiguous()
+    top_p = None if top_p is None else top_p.contiguous()
+    bitmask = None if bitmask is None else bitmask.contiguous()
     if top_k is None and top_p is None:
         tile = chunk   # min-p alone: no search, and the row's max needs no finer tiles
-    num_tiles = triton.cdiv(vocab, tile)
-    num_programs = num_chunks   # a pass's programs per row: its tiles shared among them
-    device = logits.device
-    tile_max = torch.empty(num_rows, num_tiles, dtype=torch.float32, device=device)
-    tile_mass = torch.empty_like(tile_max) if top_p is not None else tile_max   # top-p's alone
-    row_stats = torch.empty(num_rows, 2, dtype=torch.float32, device=device)               # max, total mass
-    tiles = torch.empty(num_rows, num_tiles, dtype=torch.int32, device=device)              # the listed tiles
-    bound = torch.empty(num_rows, 2, dtype=torch.int64, device=device)                     # lowest key, #listed
+    row_stats, bound, tiles = tile_bounds(logits, temps, top_k, top_p, bitmask, mask_rows, chunk, block, tile)
+    k_ptr = any_ if top_k is None else top_k
+    p_ptr = any_ if top_p is None else top_p
+    mask = (bitmask if masked else any_, mask_rows if masked else any_)
+    num_words = bitmask.shape[1] if masked else 0
+    num_programs = triton.cdiv(vocab, chunk)   # a pass's programs per row: its tiles shared among them
     partials = torch.empty(max(num_k + num_p, 1), num_rows, num_programs, CANDIDATES, dtype=torch.float32,
-                           device=device)
-    state = torch.empty(max(num_k + num_p, 1), num_rows, 2, dtype=torch.int64, device=device)  # each pass's range
-    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift)
-    _tile_kernel[(num_rows, num_chunks)](logits, temps, k_ptr, p_ptr, *mask, tile_max, tile_mass, vocab,
-                                         logits.stride(0), num_words, num_tiles, TOP_K=top_k is not None,
-                                         TOP_P=top_p is not None, MASKED=masked,
-                                         CHUNK=chunk, BLOCK=block, TILE=tile, num_warps=4)
-    _bounds_kernel[(num_rows,)](temps, k_ptr, p_ptr, tile_max, tile_mass, row_stats, tiles, bound, num_tiles,
-                                **flags, BLOCK_T=max(16, triton.next_power_of_2(num_tiles)), num_warps=4)
-    flags.update(BLOCK_C=max(16, triton.next_power_of_2(num_programs)), CANDIDATES=CANDIDATES)
+                           device=logits.device)
+    state = torch.empty(max(num_k + num_p, 1), num_rows, 2, dtype=torch.int64, device=logits.device)  # ranges
+    flags = dict(TOP_K=top_k is not None, TOP_P=top_p is not None, SHIFT=shift,
+                 BLOCK_C=max(16, triton.next_power_of_2(num_programs)), CANDIDATES=CANDIDATES)
     for step in range(num_k + num_p):
         _pass_kernel[(num_rows, num_programs)](
             logits, temps, k_ptr, p_ptr, *mask, row_stats, tiles, bound, partials, state, vocab, logits.stride(0),
-            num_words, num_rows, num_tiles, num_programs, step, num_k, MASS=step >= num_k, MASKED=masked,
+            num_words, num_rows, tiles.shape[1], num_programs, step, num_k, MASS=step >= num_k, MASKED=masked,
             BLOCK=block, TILE=tile, **flags, num_warps=8)
     _threshold_kernel[(num_rows,)](
         temps, k_ptr, p_ptr, any_ if min_p is None else min_p.contiguous(), row_stats, partials, state, out,

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("triton", reason="the kernels need triton (pip install -e \".[test]\")")
 
-from nanovllm.kernels.sampling_thresholds import sampling_thresholds  # noqa: E402
+from nanovllm.kernels.sampling_thresholds import sampling_thresholds, tile_bounds  # noqa: E402
 from nanovllm.layers.sampler import apply_min_p, apply_top_k, apply_top_k_top_p  # noqa: E402
 from tests.kernels.test_sampling_kernel import masked_case  # noqa: E402
 
@@ -68,6 +68,38 @@ def test_peaked_rows_as_a_trained_models():
     top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 0.99, 0.8, 1.0, 0.6])
     thresholds = sampling_thresholds(logits, temps, top_k, top_p, None, **SMALL)
     assert torch.equal(logits >= thresholds[:, None], reference_kept(logits, temps, top_k, top_p, None))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_passes_read_only_the_tiles_the_sorted_tile_maxima_bound(dtype):
+    # the lower bound is the k-th largest tile maximum, or (top-p alone) the largest one whose
+    # sorted tile maxima above it hold p of the row's mass; the passes read the tiles reaching it
+    gen = torch.Generator().manual_seed(5)
+    rows, vocab, tile = 16, 240, 8
+    logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype)
+    logits[1, :200] = -math.inf            # 5 finite tiles: top-k 12 has no bound
+    temps = torch.tensor([0.5, 1.0, 1.7, 1.0, 0.0, 0.7, 1.3, 1.0] * 2)
+    top_k = torch.tensor([0, 12, 8, 20, 5, 0, 1, 3] + [0] * 8)
+    top_p = torch.tensor([0.9, 1.0, 0.5, 0.95, 1.0, 0.6, 1.0, 1.0, 0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99])
+    _, bound, tiles = tile_bounds(logits, temps, top_k, top_p, None, None, chunk=64, block=32, tile=tile)
+    tile_max = logits.float().view(rows, -1, tile).amax(-1)
+    for row in range(rows):
+        ranked = tile_max[row].sort(descending=True).values
+        if temps[row] == 0:
+            expected = torch.zeros(0, dtype=torch.long)       # greedy: no search
+        else:
+            if top_k[row] > 0:
+                finite = int(ranked.isfinite().sum())
+                lowest = ranked[top_k[row] - 1] if top_k[row] <= finite else -math.inf
+            else:
+                x = logits[row].double() / temps[row]
+                mass = (ranked.double() / temps[row] - x.max()).exp().cumsum(0)
+                short = int((mass < top_p[row] * (x - x.max()).exp().sum()).sum())   # tiles short of p
+                lowest = ranked[short] if short < len(ranked) else -math.inf
+            expected = torch.nonzero((tile_max[row] >= lowest) & tile_max[row].isfinite()).flatten()
+        count = int(bound[row, 1])
+        assert count == len(expected), f"row {row}"
+        assert torch.equal(tiles[row, :count].long().sort().values, expected), f"row {row}"
 
 
 def test_bfloat16_ties_at_the_threshold_are_all_kept():
