@@ -9,6 +9,7 @@ synchronize on CPU).
   python benchmarks/sampler.py                                  # cuda: batch 256 x vocab 151936, bf16 logits
   python benchmarks/sampler.py --device cpu                     # cpu: vocab 4096 by default (slow)
   python benchmarks/sampler.py --mixes greedy top-p --iters 200
+  python benchmarks/sampler.py --kernels                        # and each kernel's device time (torch.profiler)
 """
 import argparse
 import dataclasses
@@ -60,11 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logit-scale", type=float, default=3.0,
                    help="logits ~ N(0, scale^2): 3 puts top-p 0.9 at T 0.7 on a few hundred ids; 0.5 is a flat row, "
                         "as a random-weight model's, where top-p keeps most of the vocabulary")
+    p.add_argument("--kernels", action="store_true",
+                   help="cuda: also profile --iters calls and print each kernel's device time per call")
     args = p.parse_args(argv)
     if args.vocab is None:
         args.vocab = QWEN3_VOCAB if args.device.startswith("cuda") else CPU_VOCAB
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA GPU is available; pass --device cpu")
+    if args.kernels and not args.device.startswith("cuda"):
+        p.error(f"--kernels profiles CUDA kernels; --device is {args.device}")
     return args
 
 
@@ -111,6 +116,26 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, iter
     return times
 
 
+def kernel_name(symbol: str) -> str:
+    """A kernel's short name: torch's templated C++ symbols lose their namespaces and arguments."""
+    return symbol.split("<")[0].split("::")[-1].split("(")[0].removeprefix("void ").strip()
+
+
+def kernel_times(fn: Callable[[], object], iters: int) -> dict[str, float]:
+    """Device microseconds per call of each CUDA kernel `fn` launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
+            times[kernel_name(e.key)] = times.get(kernel_name(e.key), 0.0) + e.device_time_total / iters
+    return times
+
+
 def bench_mix(name: str, args, sampler: Sampler, device: torch.device) -> dict:
     seqs = make_seqs(MIXES[name], args.batch, args.vocab)
     t0 = time.perf_counter()
@@ -119,9 +144,11 @@ def bench_mix(name: str, args, sampler: Sampler, device: torch.device) -> dict:
     tensors: SamplingTensors = to_device(host, device)
     logits = torch.randn(args.batch, args.vocab, device=device).mul_(args.logit_scale).to(getattr(torch, args.dtype))
     generator = torch.Generator(device=device).manual_seed(0)
-    times = sorted(time_calls(lambda: sampler(logits, tensors, generator), device, args.warmup, args.iters))
+    call = lambda: sampler(logits, tensors, generator)  # noqa: E731
+    times = sorted(time_calls(call, device, args.warmup, args.iters))
     return {"mix": name, "median": statistics.median(times), "p10": times[len(times) // 10],
-            "p90": times[(len(times) * 9) // 10], "host": host_ms}
+            "p90": times[(len(times) * 9) // 10], "host": host_ms,
+            "kernels": kernel_times(call, args.iters) if args.kernels else {}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         rows_per_s = args.batch / (r["median"] / 1e3)
         print(f"{r['mix']:<14}{r['median']:>11.3f}{r['p10']:>9.3f}{r['p90']:>9.3f}{rows_per_s:>12,.0f}"
               f"{r['host']:>10.2f}")
+        if r["kernels"]:
+            print("    device us a call: " + ", ".join(f"{k} {t:.1f}" for k, t in sorted(r["kernels"].items())))
     return 0
 
 
