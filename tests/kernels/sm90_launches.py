@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -35,6 +36,9 @@ POINTEE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY = 232_448   # bytes an sm_90 block may use (227 KiB)
 launches: dict[tuple, tuple] = {}   # one entry per distinct (kernel, signature, constexprs, options)
+# run as a script its folder leads sys.path: the package comes from PYTHONPATH or an install, else
+# from this checkout (a GPU machine that runs the tests from a copy has no install)
+sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 
 def record(kernel: JITFunction, *args, grid, warmup, **kwargs) -> None:
