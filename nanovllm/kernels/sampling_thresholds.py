@@ -147,8 +147,8 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
             target = p * total
         # The bound is the largest tile maximum t whose tiles at or above it count k ids (or hold
         # p of the mass): the k-th largest tile maximum is at most the k-th largest logit, and
-        # so for the mass. Found as the passes find a threshold, 16 keys at a time (a sort of
-        # the tile maxima took 4x longer); no such t (fewer than k finite tiles): no bound.
+        # so for the mass. Found as the passes find a threshold, 16 keys at a time (sorting the
+        # tile maxima took 5x as long); no such t (fewer than k finite tiles): no bound.
         lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
         lo = lowest
         hi = (_order_key(row_max) >> SHIFT).to(tl.int64)
@@ -172,7 +172,7 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
         bound = tl.where(active, bound, float("inf"))   # a row no pass reads lists no tile
         listed = (tile_max >= bound) & (tile_max > float("-inf"))
         tl.store(tiles_ptr + row * num_tiles + tl.cumsum(listed.to(tl.int32), 0) - 1, offs, mask=listed)
-        tl.store(bound_ptr + row * 2, tl.where(bound > float("-inf"), lo, lowest))
+        tl.store(bound_ptr + row * 2, lo)   # lowest: no bound
         tl.store(bound_ptr + row * 2 + 1, tl.sum(listed.to(tl.int64), 0))
 
 
@@ -387,17 +387,15 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     passes = (32 - shift) // 4
     num_k, num_p = passes * (top_k is not None), passes * (top_p is not None)
     masked = bitmask is not None
-    any_ = temperatures  # a placeholder pointer for the absent inputs (never read)
     temps = temperatures.contiguous()
-    top_k = None if top_k is None else top_k.contiguous()
-    top_p = None if top_p is None else top_p.contiguous()
-    bitmask = None if bitmask is None else bitmask.contiguous()
+    top_k, top_p, min_p, bitmask = (None if t is None else t.contiguous() for t in (top_k, top_p, min_p, bitmask))
     if top_k is None and top_p is None:
         tile = chunk   # min-p alone: no search, and the row's max needs no finer tiles
     row_stats, bound, tiles = tile_bounds(logits, temps, top_k, top_p, bitmask, mask_rows, chunk, block, tile)
+    any_ = temps   # a placeholder pointer for the absent inputs (never read)
     k_ptr = any_ if top_k is None else top_k
     p_ptr = any_ if top_p is None else top_p
-    mask = (bitmask if masked else any_, mask_rows if masked else any_)
+    mask = (bitmask, mask_rows) if masked else (any_, any_)
     num_words = bitmask.shape[1] if masked else 0
     num_programs = triton.cdiv(vocab, chunk)   # a pass's programs per row: its tiles shared among them
     partials = torch.empty(max(num_k + num_p, 1), num_rows, num_programs, CANDIDATES, dtype=torch.float32,
@@ -411,6 +409,6 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
             num_words, num_rows, tiles.shape[1], num_programs, step, num_k, MASS=step >= num_k, MASKED=masked,
             BLOCK=block, TILE=tile, MIN_SHARE=max(1, chunk // tile // 4), **flags, num_warps=8)
     _threshold_kernel[(num_rows,)](
-        temps, k_ptr, p_ptr, any_ if min_p is None else min_p.contiguous(), row_stats, partials, state, out,
+        temps, k_ptr, p_ptr, any_ if min_p is None else min_p, row_stats, partials, state, out,
         num_rows, num_programs, num_k - 1, num_k, num_k + num_p - 1, MIN_P=min_p is not None, **flags, num_warps=1)
     return out
