@@ -132,7 +132,8 @@ def kernel_times(fn: Callable[[], object], iters: int) -> dict[str, float]:
     times: dict[str, float] = {}
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0:
-            times[kernel_name(e.key)] = times.get(kernel_name(e.key), 0.0) + e.device_time_total / iters
+            name = kernel_name(e.key)
+            times[name] = times.get(name, 0.0) + e.device_time_total / iters
     return times
 
 
