@@ -63,6 +63,28 @@ def _from_key(key, lowest, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _lowest_key(SHIFT: tl.constexpr):
+    """-2^31 >> SHIFT, as int64: below every real logit's key (keys, >> SHIFT, are int64 here)."""
+    return tl.full([], -2147483648, tl.int64) >> SHIFT
+
+
+@triton.jit
+def _candidates(lo, hi, CANDIDATES: tl.constexpr):
+    """A range's candidate keys lo, lo + size, ... (size >= 1, so they cover [lo, hi]) and size."""
+    size = (hi - lo + CANDIDATES) // CANDIDATES
+    return lo + tl.arange(0, CANDIDATES).to(tl.int64) * size, size
+
+
+@triton.jit
+def _narrow(lo, hi, sums, target, CANDIDATES: tl.constexpr):
+    """The range after a pass with these sums at its candidates: the largest candidate whose sum
+    still reaches the target opens it. Needs sum(lo) >= target and sum(hi + 1) < target."""
+    cand, size = _candidates(lo, hi, CANDIDATES)
+    best = tl.max(tl.where((sums >= target) & (cand <= hi), cand, lo), 0)
+    return best, tl.minimum(best + size - 1, hi)
+
+
+@triton.jit
 def _scale(temp):
     """log2(e) / T, so a weight is exp2((x - max) * scale) (greedy rows: T taken as 1)."""
     return LOG2E / tl.where(temp > 0.0, temp, 1.0)
@@ -149,12 +171,11 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
         # p of the mass): the k-th largest tile maximum is at most the k-th largest logit, and
         # so for the mass. Found as the passes find a threshold, 16 keys at a time (sorting the
         # tile maxima took 5x as long); no such t (fewer than k finite tiles): no bound.
-        lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
+        lowest = _lowest_key(SHIFT)
         lo = lowest
         hi = (_order_key(row_max) >> SHIFT).to(tl.int64)
         for _ in tl.static_range((32 - SHIFT) // 4):
-            size = (hi - lo + CANDIDATES) // CANDIDATES
-            cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size
+            cand, _ = _candidates(lo, hi, CANDIDATES)
             cand32 = tl.minimum(cand, hi).to(tl.int32)
             sums = tl.zeros([CANDIDATES, BLOCK_S], tl.float32)
             for start in range(0, num_tiles, BLOCK_S):
@@ -164,9 +185,7 @@ def _bounds_kernel(temps_ptr, top_k_ptr, top_p_ptr, tile_max_ptr, tile_mass_ptr,
                 if alone:
                     w = _weights(m, row_max, scale)
                 sums += tl.where((_order_key(m) >> SHIFT)[None, :] >= cand32[:, None], w[None, :], 0.0)
-            reach = (tl.sum(sums, 1) >= target) & (cand <= hi)
-            best = tl.max(tl.where(reach, cand, lo), 0)
-            lo, hi = best, tl.minimum(best + size - 1, hi)
+            lo, hi = _narrow(lo, hi, tl.sum(sums, 1), target, CANDIDATES)
         bound = _from_key(lo, lowest, SHIFT)
         active = (temp > 0.0) & (row_max > float("-inf")) & ((k > 0) | (p < 1.0))
         bound = tl.where(active, bound, float("inf"))   # a row no pass reads lists no tile
@@ -184,8 +203,7 @@ def _row(temps_ptr, top_k_ptr, top_p_ptr, row_stats_ptr, row, SHIFT: tl.constexp
     temp = tl.load(temps_ptr + row)
     row_max = tl.load(row_stats_ptr + row * 2)
     scale = _scale(temp)
-    # keys, >> SHIFT, as int64: -2^31 >> SHIFT is below every real logit's key
-    lowest = tl.full([], -2147483648, tl.int64) >> SHIFT
+    lowest = _lowest_key(SHIFT)
     top = (_order_key(row_max) >> SHIFT).to(tl.int64)
     k = tl.zeros([], tl.int64)
     p = tl.full([], 1.0, tl.float32)
@@ -211,15 +229,11 @@ def _sums(partials_ptr, step, row, num_rows, num_programs, BLOCK_C: tl.constexpr
 @triton.jit
 def _narrowed(partials_ptr, state_ptr, step, target, row, num_rows, num_programs,
               BLOCK_C: tl.constexpr, CANDIDATES: tl.constexpr):
-    """The range after pass `step`: its largest candidate whose sum still reaches the target
-    opens it. Needs sum(lo) >= target and sum(hi + 1) < target."""
+    """The range after pass `step` (`_narrow` with the sums its programs wrote)."""
     lo = tl.load(state_ptr + (step * num_rows + row) * 2)
     hi = tl.load(state_ptr + (step * num_rows + row) * 2 + 1)
-    size = (hi - lo + CANDIDATES) // CANDIDATES  # >= 1: candidates lo, lo + size, ... cover [lo, hi]
-    cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size
-    reach = (_sums(partials_ptr, step, row, num_rows, num_programs, BLOCK_C, CANDIDATES) >= target) & (cand <= hi)
-    best = tl.max(tl.where(reach, cand, lo), 0)
-    return best, tl.minimum(best + size - 1, hi)
+    return _narrow(lo, hi, _sums(partials_ptr, step, row, num_rows, num_programs, BLOCK_C, CANDIDATES), target,
+                   CANDIDATES)
 
 
 @triton.jit
@@ -282,8 +296,7 @@ def _pass_kernel(logits_ptr, temps_ptr, top_k_ptr, top_p_ptr, mask_ptr, mask_row
             if program == 0:  # the range every program of this pass computed, for the next one
                 tl.store(state_ptr + (step * num_rows + row) * 2, lo)
                 tl.store(state_ptr + (step * num_rows + row) * 2 + 1, hi)
-            size = (hi - lo + CANDIDATES) // CANDIDATES
-            cand = lo + tl.arange(0, CANDIDATES).to(tl.int64) * size  # [CANDIDATES]
+            cand, _ = _candidates(lo, hi, CANDIDATES)
             # compared as int32 (one instruction, not int64's two): keys >> SHIFT fit, and a candidate
             # past hi, whose sum `_narrowed` ignores, may be clamped. Every candidate is >= lo, which
             # never falls below the search's bound, so ids under it (and tiles not listed) add to no sum.
@@ -341,6 +354,12 @@ def _threshold_kernel(temps_ptr, top_k_ptr, top_p_ptr, min_p_ptr, row_stats_ptr,
     tl.store(out_ptr + row, threshold)
 
 
+def _key_shift(dtype: torch.dtype) -> int:
+    """Low key bits every logit leaves zero: bfloat16 widens to float32 with 16 of them, so its
+    keys differ in the high 16 alone (4 passes pin one, not 8)."""
+    return 16 if dtype == torch.bfloat16 else 0
+
+
 def tile_bounds(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                 bitmask: torch.Tensor | None, mask_rows: torch.Tensor | None, chunk: int, block: int,
                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -364,7 +383,7 @@ def tile_bounds(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor |
         0 if bitmask is None else bitmask.shape[1], num_tiles, **flags, MASKED=bitmask is not None,
         CHUNK=chunk, BLOCK=block, TILE=tile, num_warps=4)
     _bounds_kernel[(num_rows,)](temps, k_ptr, p_ptr, tile_max, tile_mass, row_stats, tiles, bound, num_tiles,
-                                SHIFT=16 if logits.dtype == torch.bfloat16 else 0, **flags,
+                                SHIFT=_key_shift(logits.dtype), **flags,
                                 BLOCK_T=max(16, triton.next_power_of_2(num_tiles)), BLOCK_S=256,
                                 CANDIDATES=CANDIDATES, num_warps=4)
     return row_stats, bound, tiles
@@ -382,8 +401,7 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     if num_rows == 0:
         return out
     logits = logits if logits.stride(1) == 1 else logits.contiguous()
-    # bfloat16 widens to float32 with 16 zero low bits: their keys differ in the high 16 alone
-    shift = 16 if logits.dtype == torch.bfloat16 else 0
+    shift = _key_shift(logits.dtype)
     passes = (32 - shift) // 4
     num_k, num_p = passes * (top_k is not None), passes * (top_p is not None)
     masked = bitmask is not None
