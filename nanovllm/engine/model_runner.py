@@ -175,7 +175,7 @@ class ModelRunner:
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, self.max_model_len, self.block_size,
                               self.model_config.hidden_size, self.dtype, self.device, self.decode_unit_size)
         pieces = PiecewiseGraphs(self.model, min(self.config.max_num_batched_tokens, PIECEWISE_MAX_TOKENS),
-                                 self.dtype, self.device)
+                                 self.dtype, self.device, graphs.rows)
         graphs.capture(pieces.capture())
         return graphs, pieces
 

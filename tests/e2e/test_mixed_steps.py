@@ -7,7 +7,9 @@ import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine import piecewise_graphs
+from nanovllm.engine.cuda_graph import DecodeRows
 from nanovllm.engine.piecewise_graphs import PiecewiseGraphs, token_buckets
+from nanovllm.layers.attention import Attention
 from nanovllm.utils.context import AttentionMetadata
 from tests.e2e.test_invariance import completions
 from tests.e2e.test_overlap import workload
@@ -44,18 +46,51 @@ def test_split_attention_is_exact(checkpoint, reference, monkeypatch):
     assert any(d > 0 for d in splits), "no mixed step was split"
 
 
-def test_piecewise_pieces_are_exact(checkpoint, reference, monkeypatch):
-    """The piecewise runner's pieces, padded to token buckets, equal the plain forward."""
+@pytest.mark.parametrize("decode_rows", [512, 1])
+def test_piecewise_pieces_are_exact(checkpoint, reference, monkeypatch, decode_rows):
+    """The piecewise runner's pieces, padded to token buckets, equal the plain forward. The
+    pieces attend for a mixed step's decode rows; with too few static rows for a step's
+    decodes (1), that step attends for all its rows eagerly, as other steps do."""
     monkeypatch.setattr(piecewise_graphs, "token_buckets", lambda max_tokens: [8, 32, 64])
     llm = LLM(checkpoint(), device="cpu", **STRESSED)
     runner = llm.model_runner
-    pieces = PiecewiseGraphs(runner.model, 64, runner.dtype, runner.device)
-    runs = []
-    original_run = pieces.run
-    pieces.run = lambda inputs: runs.append(inputs.input_ids.shape[0]) or original_run(inputs)
+    rows = DecodeRows(decode_rows, runner.max_model_len, runner.block_size, runner.decode_unit_size, runner.device)
+    pieces = PiecewiseGraphs(runner.model, 64, runner.dtype, runner.device, rows)
+    runs, in_piece, eager = [], [], []  # per piece: real decode rows attended; per eager call: num_decodes
+    where = [None]  # None outside the piecewise runner, else "piece" or "eager"
+    original_run, original_piece, original_attend = pieces.run, pieces._piece, Attention.attend
+
+    def run_pieces(inputs):
+        runs.append(inputs.input_ids.shape[0])
+        where[0] = "eager"
+        try:
+            return original_run(inputs)
+        finally:
+            where[0] = None
+
+    def piece(i, n):
+        where[0], outer = "piece", where[0]
+        in_piece.append(0)
+        original_piece(i, n)
+        where[0] = outer
+
+    def attend(self, q, k, v, meta, out=None):
+        if where[0] == "piece":
+            in_piece[-1] += int(meta.context_lens.count_nonzero())
+        elif where[0] == "eager":
+            eager.append(meta.num_decodes)
+        return original_attend(self, q, k, v, meta, out)
+    pieces.run = run_pieces
+    pieces._piece = piece
+    monkeypatch.setattr(Attention, "attend", attend)
     runner.piecewise_graphs = pieces  # no capture on CPU: the pieces run eagerly
     assert run(llm) == reference
     assert any(n not in (8, 32, 64) for n in runs), "no step was padded"
+    if decode_rows == 512:
+        assert any(in_piece), "no decode row was attended inside a piece"
+        assert not any(eager), "a mixed step's decode rows were attended eagerly"
+    else:
+        assert any(d > decode_rows for d in eager), f"no step had more decodes than the static rows {sorted(set(eager))}"
 
 
 def test_token_buckets():
