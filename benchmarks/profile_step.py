@@ -8,6 +8,7 @@ the weights read once plus the KV read, at --bandwidth.
     python benchmarks/profile_step.py --workload long
     python benchmarks/profile_step.py --model-config qwen3-30b-a3b    # the MoE model
     python benchmarks/profile_step.py --kernels 400:50                # + GPU kernel time of steps 400-449
+    python benchmarks/profile_step.py --workload chat --host-phases   # + the host's time per phase of a step
 
 Takes bench.py's flags. With overlap on, a step's wall time is, in the steady state, the
 device time of the step before it: read the sums by kind, not single steps. The bound counts
@@ -88,6 +89,46 @@ def report(steps, weight_bytes: int, kv_bytes: int, bandwidth: float) -> None:
     print(f"{'all':18s} {sum(r[0] for r in rows.values()):6d} {total:8.3f}")
 
 
+HOST_PHASES = ("schedule", "build inputs", "launch", "sample", "process (+ wait)")
+
+
+def record_host_phases(llm: LLM) -> dict:
+    """Wrap the host's phases of a step: {(kind, phase): seconds} and {kind: steps}, kind being
+    "with prefill" or "decode" (what the step scheduled). `process` handles the step before
+    (with overlap) and first waits for its sampled ids: where a GPU-bound host idles."""
+    import nanovllm.engine.llm_engine as engine
+    seconds, counts, kind = collections.defaultdict(float), collections.Counter(), ["decode"]
+
+    def timed(fn, phase):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            seconds[kind[0], phase] += time.perf_counter() - start
+            return out
+        return wrapper
+
+    schedule = timed(llm.scheduler.schedule, "schedule")
+
+    def scheduled():
+        batch = schedule()
+        if batch.seqs:  # NOTE: a drain step (nothing left to launch) keeps the kind before it
+            kind[0] = "with prefill" if batch.num_tokens > batch.num_decodes else "decode"
+            counts[kind[0]] += 1
+        return batch
+    llm.scheduler.schedule = scheduled
+    engine.build_step_inputs = timed(engine.build_step_inputs, "build inputs")
+    runner = llm.model_runner
+    runner.launch, runner.sample = timed(runner.launch, "launch"), timed(runner.sample, "sample")
+    llm._process = timed(llm._process, "process (+ wait)")
+    return {"seconds": seconds, "counts": counts}
+
+
+def host_phase_table(phases: dict) -> None:
+    for kind, n in sorted(phases["counts"].items()):
+        cells = "  ".join(f"{phase} {phases['seconds'][kind, phase] / n * 1e3:.2f}" for phase in HOST_PHASES)
+        print(f"host ms/step, {kind} ({n} steps): {cells}")
+
+
 # GPU kernels on CUDA; on CPU the profiler records ops only (and the kernel table stays empty)
 ACTIVITY = torch.profiler.ProfilerActivity.CUDA if torch.cuda.is_available() else torch.profiler.ProfilerActivity.CPU
 
@@ -115,11 +156,12 @@ def window_kernel_table(prof, steps: list, first: int, count: int) -> None:
     kernel_table(prof, count, f"steps {first + 1}-{first + count}, mean {rows:.0f} decode rows, wall {wall:.3f} ms/step")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bandwidth", type=float, default=4.3, help="TB/s the bound assumes (the H200's copy rate)")
     p.add_argument("--kernels", metavar="FIRST:COUNT", help="also profile the GPU kernels of COUNT steps from FIRST")
-    ours, rest = p.parse_known_args()
+    p.add_argument("--host-phases", action="store_true", help="also time the host's phases of each kind of step")
+    ours, rest = p.parse_known_args(argv)
     args = bench.parse_args(rest)
     model = args.model or bench.prepare_model(args.model_config, bench.resolved_load_format(args))
     (workload,) = bench.build_workloads(args).values()
@@ -129,6 +171,7 @@ def main() -> None:
     llm = runner.llm
     run = runner.prepare(workload)
     steps = record_steps(llm)
+    phases = record_host_phases(llm) if ours.host_phases else None
     window = tuple(map(int, ours.kernels.split(":"))) if ours.kernels else None
     prof = profile_kernels(llm, *window) if window else None
     start = time.perf_counter()
@@ -142,6 +185,8 @@ def main() -> None:
           f"{weight_bytes / 1e9:.2f} GB, KV {kv_bytes / 1024:.0f} KiB/token; "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
     report(steps, weight_bytes, kv_bytes, ours.bandwidth * 1e12)
+    if phases:
+        host_phase_table(phases)
     if prof:
         window_kernel_table(prof, steps, *window)
     llm.exit()
