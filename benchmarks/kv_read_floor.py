@@ -9,6 +9,7 @@ are bytes of K and V read per second.
 
     python benchmarks/kv_read_floor.py            # GPU machine
 """
+import itertools
 import random
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def paged_cache(batch: int, lo: int, hi: int, rng: random.Random):
     blocks = [triton.cdiv(n, BLOCK_SIZE) for n in lens]
     perm = torch.randperm(sum(blocks), dtype=torch.int32)
     table = torch.full((batch, max(blocks)), -1, dtype=torch.int32)
-    for s, (b, first) in enumerate(zip(blocks, [0, *torch.tensor(blocks).cumsum(0).tolist()])):
+    for s, (b, first) in enumerate(zip(blocks, itertools.accumulate(blocks, initial=0))):
         table[s, :b] = perm[first:first + b]
     k = torch.randn(sum(blocks), BLOCK_SIZE, HEADS, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
     return lens, table.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), k, torch.randn_like(k)

@@ -360,6 +360,14 @@ def _key_shift(dtype: torch.dtype) -> int:
     return 16 if dtype == torch.bfloat16 else 0
 
 
+def _pointers(temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+              bitmask: torch.Tensor | None, mask_rows: torch.Tensor | None) -> tuple:
+    """(top_k, top_p, (bitmask, mask_rows)) as the kernels take them: temps stands in for the
+    absent ones (a placeholder pointer, never read)."""
+    return (temps if top_k is None else top_k, temps if top_p is None else top_p,
+            (temps, temps) if bitmask is None else (bitmask, mask_rows))
+
+
 def tile_bounds(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                 bitmask: torch.Tensor | None, mask_rows: torch.Tensor | None, chunk: int, block: int,
                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -368,10 +376,7 @@ def tile_bounds(logits: torch.Tensor, temps: torch.Tensor, top_k: torch.Tensor |
     count of them). Without top-k and top-p, the row's max alone."""
     num_rows, vocab = logits.shape
     num_tiles = triton.cdiv(vocab, tile)
-    any_ = temps   # a placeholder pointer for the absent inputs (never read)
-    k_ptr = any_ if top_k is None else top_k
-    p_ptr = any_ if top_p is None else top_p
-    mask = (any_, any_) if bitmask is None else (bitmask, mask_rows)
+    k_ptr, p_ptr, mask = _pointers(temps, top_k, top_p, bitmask, mask_rows)
     tile_max = torch.empty(num_rows, num_tiles, dtype=torch.float32, device=logits.device)
     tile_mass = torch.empty_like(tile_max) if top_p is not None else tile_max   # top-p's alone
     row_stats = torch.empty(num_rows, 2, dtype=torch.float32, device=logits.device)
@@ -410,10 +415,7 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
     if top_k is None and top_p is None:
         tile = chunk   # min-p alone: no search, and the row's max needs no finer tiles
     row_stats, bound, tiles = tile_bounds(logits, temps, top_k, top_p, bitmask, mask_rows, chunk, block, tile)
-    any_ = temps   # a placeholder pointer for the absent inputs (never read)
-    k_ptr = any_ if top_k is None else top_k
-    p_ptr = any_ if top_p is None else top_p
-    mask = (bitmask, mask_rows) if masked else (any_, any_)
+    k_ptr, p_ptr, mask = _pointers(temps, top_k, top_p, bitmask, mask_rows)
     num_words = bitmask.shape[1] if masked else 0
     num_programs = triton.cdiv(vocab, chunk)   # a pass's programs per row: its tiles shared among them
     partials = torch.empty(max(num_k + num_p, 1), num_rows, num_programs, CANDIDATES, dtype=torch.float32,
@@ -427,6 +429,6 @@ def sampling_thresholds(logits: torch.Tensor, temperatures: torch.Tensor, top_k:
             num_words, num_rows, tiles.shape[1], num_programs, step, num_k, MASS=step >= num_k, MASKED=masked,
             BLOCK=block, TILE=tile, MIN_SHARE=max(1, chunk // tile // 4), **flags, num_warps=8)
     _threshold_kernel[(num_rows,)](
-        temps, k_ptr, p_ptr, any_ if min_p is None else min_p, row_stats, partials, state, out,
+        temps, k_ptr, p_ptr, temps if min_p is None else min_p, row_stats, partials, state, out,
         num_rows, num_programs, num_k - 1, num_k, num_k + num_p - 1, MIN_P=min_p is not None, **flags, num_warps=1)
     return out
