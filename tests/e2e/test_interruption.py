@@ -120,6 +120,15 @@ def test_stream_interrupted_then_generate(llm, expected, monkeypatch):
     assert run(llm) == expected
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler, as in a terminal: a shell that starts pytest in the
+    background hands it SIGINT ignored, and a real SIGINT would then do nothing."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def sigint_inside(monkeypatch, owner, name: str, nth: int, after: bool) -> list[str]:
     """Make the `nth` call of `owner.name` send this process a real SIGINT, before or
     after doing its work. Returns a log: 'sent' once the signal went (a KeyboardInterrupt
@@ -149,7 +158,7 @@ def sigint_inside(monkeypatch, owner, name: str, nth: int, after: bool) -> list[
     ("block_manager.commit", True),
     ("outputs.process", True),
 ], ids=["forward", "allocate", "preempt", "commit", "output processing"])
-def test_ctrl_c_waits_for_the_step_to_end(llm, expected, monkeypatch, where, after):
+def test_ctrl_c_waits_for_the_step_to_end(llm, expected, monkeypatch, python_sigint, where, after):
     """A real SIGINT mid-step, in the forward or in the scheduler's bookkeeping, is held
     until the step is done, then raised with every block freed."""
     owner_name, name = where.split(".")
@@ -202,7 +211,7 @@ def test_delete_and_make_another(path, expected):
 # ---- tensor parallelism on CPU -----------------------------------------------------------------
 
 @needs_two_ranks
-def test_tp2_interruptions_between_and_inside_steps(path, monkeypatch):
+def test_tp2_interruptions_between_and_inside_steps(path, monkeypatch, python_sigint):
     """Rank 0 fails between steps (in `schedule`, so the worker stays in lockstep) and is
     Ctrl-C'd inside a step; both times the next call's results are unchanged. Then the LLM
     is deleted (no exit(), no gc) and a second TP engine starts in the same process."""
