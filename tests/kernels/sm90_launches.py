@@ -10,9 +10,9 @@ traceback, as does a kernel in nanovllm.kernels that no case launches.
 The cases mirror what the layers pass: the shapes of Qwen3-0.6B, Qwen3-30B-A3B and SmolLM2-135M,
 bf16 and fp8 KV caches, decode with and without key splits and shared-prefix units, prefill from
 the cache and the warmup's uncached form, every skinny-GEMM table entry, every MoE tile bucket,
-and the sampler's settings on bf16 logits and on the float32 copy penalties make. Of the ~140
-distinct launches, those that bring some constexpr value, argument type or launch option not
-seen yet are compiled (~70, every flag and tile size at least once);
+and the sampler's settings on bf16 logits and on the float32 copy penalties make. Of the ~160
+distinct launches, a few that together bring every constexpr value, argument type and launch
+option seen are compiled (~50: every flag and tile size at least once);
 NANOVLLM_COMPILE_ALL=1 compiles them all (~90 s on 2 cores).
 """
 import itertools
@@ -167,16 +167,20 @@ def every_kernel() -> list[str]:
 
 
 def covering(keys: list[tuple]) -> list[tuple]:
-    """The launches, in order, that each bring a value not seen yet: of a constexpr, of an
-    argument's type or of a launch option (every flag and tile size compiles at least once)."""
-    seen, chosen = set(), []
+    """Few launches that together bring every value seen: of each constexpr, of each argument's
+    type and of each launch option (every flag and tile size compiles at least once). Greedy set
+    cover, the launch that brings the most values not yet chosen first: ~50 of ~160 launches
+    (taking them in order, each that brings anything new, chose ~80)."""
+    facts = {}
     for key in keys:
         kernel, signature, constexprs, options = launches[key]
-        facts = {(kernel.__name__, name, kind) for name, kind in signature.items()}
-        facts |= {(kernel.__name__, name, repr(value)) for name, value in (constexprs | options).items()}
-        if not facts <= seen:
-            chosen.append(key)
-            seen |= facts
+        facts[key] = {(kernel.__name__, name, kind) for name, kind in signature.items()}
+        facts[key] |= {(kernel.__name__, name, repr(value)) for name, value in (constexprs | options).items()}
+    left, chosen = set().union(*facts.values()), []
+    while left:
+        key = max(keys, key=lambda k: len(facts[k] & left))
+        chosen.append(key)
+        left -= facts[key]
     return chosen
 
 
